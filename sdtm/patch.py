@@ -1,0 +1,190 @@
+"""Apply SDTM to a diffusers SD3 / SD3.5 pipeline or transformer, and remove it again."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+
+from .block import BlockLink, sdtm_block_forward
+from .config import SDTMConfig
+from .ops import check_backend
+from .state import SDTMState
+
+BLOCK_CLASS_NAME = "JointTransformerBlock"
+_patched_classes: dict[type, type] = {}
+
+
+def apply_SDTM(
+    pipe: Any,
+    ratio: float = 0.3,
+    deviation: float = 0.2,
+    switch_step: int = 20,
+    use_rand: bool = True,
+    sx: int = 2,
+    sy: int = 2,
+    a_s: float = 0.05,
+    a_d: float = 0.05,
+    a_p: float = 2,
+    pseudo_merge: bool = False,
+    mcw: float = 0.1,
+    protect_steps_frequency: int | None = 3,
+    protect_layers_frequency: int | None = -1,
+    merge_attn: bool = True,
+    merge_mlp: bool = True,
+    cache_each_step: bool = True,
+    backend: str = "auto",
+    scheduler: Any = None,
+) -> Any:
+    """Patch a ``StableDiffusion3Pipeline`` (or an ``SD3Transformer2DModel``) with SDTM and return it.
+
+    Keyword names and meanings follow the public reference implementation; see ``SDTMConfig`` for each.
+    A transformer used on its own needs ``scheduler``: the scheduler whose timesteps it is called with,
+    from which SDTM derives the step. Applying twice replaces the first patch.
+
+    Example:
+        >>> pipe = apply_SDTM(pipe, ratio=0.3)   # doctest: +SKIP
+        >>> image = pipe(prompt, num_inference_steps=50).images[0]   # doctest: +SKIP
+    """
+    config = SDTMConfig(
+        ratio=ratio,
+        deviation=deviation,
+        switch_step=switch_step,
+        use_rand=use_rand,
+        sx=sx,
+        sy=sy,
+        a_s=a_s,
+        a_d=a_d,
+        a_p=a_p,
+        pseudo_merge=pseudo_merge,
+        mcw=mcw,
+        protect_steps_frequency=protect_steps_frequency,
+        protect_layers_frequency=protect_layers_frequency,
+        merge_attn=merge_attn,
+        merge_mlp=merge_mlp,
+        cache_each_step=cache_each_step,
+        backend=backend,
+    )
+    return apply_sdtm(pipe, config, scheduler=scheduler)
+
+
+def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = None) -> Any:
+    """Patch ``module`` (pipeline or transformer) with ``config`` (default ``SDTMConfig()``); returns it."""
+    if config is None:
+        config = SDTMConfig()
+    if not isinstance(config, SDTMConfig):
+        raise TypeError(f"config must be an SDTMConfig, got {type(config).__name__}.")
+    check_backend(config.backend)
+    transformer = _find_transformer(module)
+    blocks = _joint_blocks(transformer)
+    timesteps_source = _timesteps_source(module, scheduler)
+    patch_size = getattr(getattr(transformer, "config", None), "patch_size", None)
+    if not isinstance(patch_size, int):
+        raise ValueError("the transformer has no integer config.patch_size; SDTM needs the token grid.")
+
+    remove_sdtm(transformer)
+    state = SDTMState(config=config, num_layers=len(blocks), timesteps_source=timesteps_source)
+    transformer._sdtm_state = state
+    transformer._sdtm_hook = transformer.register_forward_pre_hook(
+        _make_pre_forward(state, patch_size), with_kwargs=True
+    )
+    for layer, block in enumerate(blocks):
+        block._sdtm = BlockLink(state, layer)
+        block.__class__ = _patched_class(type(block))
+    return module
+
+
+def remove_SDTM(pipe: Any) -> Any:
+    """Undo ``apply_SDTM``; the model is exactly as before. Harmless on an unpatched model."""
+    return remove_sdtm(pipe)
+
+
+def remove_sdtm(module: Any) -> Any:
+    """Undo ``apply_sdtm`` on a pipeline or transformer; returns it."""
+    transformer = _find_transformer(module)
+    hook = getattr(transformer, "_sdtm_hook", None)
+    if hook is not None:
+        hook.remove()
+        del transformer._sdtm_hook
+    if hasattr(transformer, "_sdtm_state"):
+        del transformer._sdtm_state
+    for submodule in transformer.modules():
+        parent = type(submodule).__dict__.get("_sdtm_parent")
+        if parent is not None:
+            submodule.__class__ = parent
+            del submodule._sdtm
+    return module
+
+
+def sdtm_state(module: Any) -> SDTMState | None:
+    """The SDTM state of a patched pipeline or transformer (None if unpatched): current step, caches,
+    merge age and per-block token counts of the last generation (``records``)."""
+    return getattr(_find_transformer(module), "_sdtm_state", None)
+
+
+def _find_transformer(module: Any) -> torch.nn.Module:
+    transformer = getattr(module, "transformer", None) if not isinstance(module, torch.nn.Module) else module
+    if not isinstance(transformer, torch.nn.Module):
+        raise TypeError(
+            "expected a StableDiffusion3Pipeline (anything with a .transformer module) or an "
+            f"SD3Transformer2DModel, got {type(module).__name__}."
+        )
+    return transformer
+
+
+def _is_joint_block(module: torch.nn.Module) -> bool:
+    return any(cls.__name__ == BLOCK_CLASS_NAME for cls in type(module).__mro__)
+
+
+def _joint_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    blocks = [m for m in transformer.modules() if _is_joint_block(m)]
+    if not blocks:
+        raise ValueError(
+            f"{type(transformer).__name__} has no {BLOCK_CLASS_NAME} blocks; SDTM supports diffusers' "
+            "SD3 / SD3.5 transformers (SD3Transformer2DModel)."
+        )
+    return blocks
+
+
+def _timesteps_source(module: Any, scheduler: Any) -> Callable[[], torch.Tensor | None] | None:
+    if scheduler is not None:
+        if not hasattr(scheduler, "timesteps"):
+            raise TypeError(f"scheduler must have a .timesteps attribute, got {type(scheduler).__name__}.")
+        return lambda: scheduler.timesteps
+    if isinstance(module, torch.nn.Module) or not hasattr(module, "scheduler"):
+        return None
+    pipe_ref = weakref.ref(module)
+
+    def pipeline_timesteps() -> torch.Tensor | None:
+        pipe = pipe_ref()
+        if pipe is None:
+            raise RuntimeError("the pipeline SDTM was applied to no longer exists; apply it again.")
+        return getattr(pipe.scheduler, "timesteps", None)
+
+    return pipeline_timesteps
+
+
+def _make_pre_forward(state: SDTMState, patch_size: int):
+    def pre_forward(module, args, kwargs):
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[3] if len(args) > 3 else None)
+        if timestep is None:
+            raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
+        state.begin_call(timestep, hidden_states.shape[-2], hidden_states.shape[-1], patch_size)
+        return None
+
+    return pre_forward
+
+
+def _patched_class(block_class: type) -> type:
+    """A runtime subclass whose forward is SDTM's; one per original class, so applying twice is cheap."""
+    if "_sdtm_parent" in block_class.__dict__:
+        block_class = block_class.__dict__["_sdtm_parent"]
+    if block_class not in _patched_classes:
+        _patched_classes[block_class] = type(
+            f"SDTM{block_class.__name__}",
+            (block_class,),
+            {"forward": sdtm_block_forward, "_sdtm_parent": block_class},
+        )
+    return _patched_classes[block_class]

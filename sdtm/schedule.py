@@ -1,0 +1,115 @@
+"""The SDTM schedule: how many tokens a block removes at a step, in which phase, and what is protected.
+
+Pure functions of (config, step, layer); no tensors. Steps ``s`` run from 0 to ``num_steps - 1``, layers
+``l`` from 0 to ``num_layers - 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from .config import SDTMConfig
+
+
+class Phase(str, Enum):
+    STRUCTURE = "ssm"  # merge before attention and MLP, windows ranked by similarity
+    DETAIL = "idm"  # merge before the MLP only, bipartite matching into window destinations
+
+
+class BlockMode(str, Enum):
+    UNCHANGED = "unchanged"  # the block runs exactly as without SDTM and touches no state
+    PROTECTED = "protected"  # full block, outputs stored as caches for later merged steps
+    MERGED = "merged"  # a merge plan is computed and at least one sub-layer runs on fewer tokens
+
+
+@dataclass(frozen=True)
+class BlockAction:
+    """What one block does at one step.
+
+    ``reduce_num`` is the number of tokens the schedule asks to remove (0 unless MERGED);
+    ``store_attn_cache`` / ``store_mlp_cache`` say whether the full outputs of those sub-layers must be
+    kept, i.e. whether a later step of this generation may read them.
+    """
+
+    mode: BlockMode
+    phase: Phase
+    reduce_num: int = 0
+    merge_attn: bool = False
+    merge_mlp: bool = False
+    store_attn_cache: bool = False
+    store_mlp_cache: bool = False
+    reset_merge_age: bool = False
+
+
+def ratio_at_step(config: SDTMConfig, step: int, num_steps: int) -> float:
+    """Cosine-decayed compression ratio: ratio + deviation at step 0, ratio - deviation at the last."""
+    progress = step / (num_steps - 1) if num_steps > 1 else 0.0
+    alpha = math.cos(progress * math.pi / 2)
+    return (config.ratio - config.deviation) + 2.0 * config.deviation * alpha
+
+
+def tokens_to_remove(num_tokens: int, ratio: float) -> int:
+    """``reduce_num = int(N * ratio_s)``."""
+    return int(num_tokens * ratio)
+
+
+def phase_at_step(config: SDTMConfig, step: int) -> Phase:
+    return Phase.STRUCTURE if step <= config.switch_step else Phase.DETAIL
+
+
+def is_protected_step(config: SDTMConfig, step: int) -> bool:
+    f = config.protect_steps_frequency
+    return f is not None and f > 0 and step % f == 0
+
+
+def is_protected_layer(config: SDTMConfig, layer: int, num_layers: int) -> bool:
+    f = config.protect_layers_frequency
+    return f is not None and f > 0 and (layer % f == 0 or layer == num_layers - 1)
+
+
+def windows_to_merge(reduce_num: int, window_size: int, num_windows: int) -> int:
+    """SSM: whole windows to merge, a multiple of 16 (K - 1 tokens removed per window), capped."""
+    return min(((reduce_num // (window_size - 1)) // 16) * 16, num_windows)
+
+
+def sources_to_merge(reduce_num: int, num_candidates: int) -> int:
+    """IDM: source tokens to merge into their best destination, a multiple of 16."""
+    return (min(num_candidates, reduce_num) // 16) * 16
+
+
+def block_action(
+    config: SDTMConfig, step: int, num_steps: int, layer: int, num_layers: int, num_tokens: int
+) -> BlockAction:
+    """Decide what block ``layer`` does at ``step`` for an image of ``num_tokens`` tokens."""
+    phase = phase_at_step(config, step)
+    # A cache written now is read only by a later merging step of the same sub-layer: attention merges
+    # only in structure steps (s <= switch_step), the MLP at any step.
+    attn_cache_readable = config.merge_attn and step < min(config.switch_step, num_steps - 1)
+    mlp_cache_readable = config.merge_mlp and step < num_steps - 1
+
+    if is_protected_layer(config, layer, num_layers):
+        return BlockAction(BlockMode.UNCHANGED, phase, reset_merge_age=True)
+    if is_protected_step(config, step):
+        return BlockAction(
+            BlockMode.PROTECTED,
+            phase,
+            store_attn_cache=attn_cache_readable,
+            store_mlp_cache=mlp_cache_readable,
+        )
+    reduce_num = tokens_to_remove(num_tokens, ratio_at_step(config, step, num_steps))
+    merge_attn = config.merge_attn and phase is Phase.STRUCTURE
+    merge_mlp = config.merge_mlp
+    if reduce_num <= 0 or not (merge_attn or merge_mlp):
+        return BlockAction(BlockMode.UNCHANGED, phase)
+    each = config.cache_each_step
+    return BlockAction(
+        BlockMode.MERGED,
+        phase,
+        reduce_num=reduce_num,
+        merge_attn=merge_attn,
+        merge_mlp=merge_mlp,
+        store_attn_cache=each and attn_cache_readable,
+        store_mlp_cache=each and mlp_cache_readable,
+    )
