@@ -1,0 +1,20 @@
+// Schemas of the SDTM ops and the Python module sdtm._C that loads them.
+// Backends register implementations with TORCH_LIBRARY_IMPL(sdtm, <Key>, m) in their own files;
+// fake (meta) implementations live in sdtm/cpp_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing sdtm._C runs the static registrations below; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(sdtm, m) {
+  m.def("window_scores(Tensor x, Tensor? priority, int grid_h, int grid_w, int sy, int sx, float a_s) -> Tensor");
+  m.def("bipartite_match(Tensor x, Tensor src_idx, Tensor dst_idx, Tensor? priority, float a_d) -> (Tensor, Tensor)");
+  m.def("merge(Tensor x, Tensor slot, Tensor members, Tensor offsets, bool pseudo_merge) -> Tensor");
+  m.def(
+      "unmerge(Tensor y, Tensor slot, Tensor blend, Tensor? cache, Tensor? gate, Tensor? residual, float mcw, "
+      "bool store_cache) -> (Tensor, Tensor)");
+}
