@@ -155,12 +155,14 @@ def ssm_plan(
     selected = torch.zeros(batch, num_windows, dtype=torch.bool, device=device)
     selected.scatter_(1, order[:, :n_win], True)
 
-    in_window = window_of >= 0
-    token_window = window_of.clamp(min=0).expand(batch, -1)  # [B, N]
-    merged = in_window & selected.gather(1, token_window)
+    # Border tokens point at an extra, never-selected window W, so every gather below stays in range.
+    token_window = torch.where(window_of >= 0, window_of, num_windows).expand(batch, -1)  # [B, N]
+    pad = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+    selected = torch.cat([selected, pad.bool()], dim=1)
+    merged = selected.gather(1, token_window)
     group_rank = selected.long().cumsum(dim=1) - 1  # groups ordered by window index
     group_of = group_rank.gather(1, token_window)
-    is_dst = merged & (position_of == dst_position.gather(1, token_window))
+    is_dst = merged & (position_of == torch.cat([dst_position, pad], dim=1).gather(1, token_window))
     num_unmerged = grid.num_tokens - n_win * grid.window_size
     return _assemble(num_unmerged, ~merged, group_of, n_win, is_dst, pseudo_merge)
 

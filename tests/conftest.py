@@ -1,0 +1,75 @@
+"""Shared helpers: tiny pipelines, generation shortcuts, a readable closeness check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from sdtm.ops import cpp_unavailable_reason
+from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
+
+diffusers_logging.set_verbosity_error()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+requires_cpp = pytest.mark.skipif(cpp_unavailable_reason() is not None, reason=str(cpp_unavailable_reason()))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = ""):
+    """assert_close that reports the relative RMS error and the first mismatches."""
+    actual_f, expected_f = actual.double(), expected.double()
+    rms = (actual_f - expected_f).pow(2).mean().sqrt() / expected_f.pow(2).mean().sqrt().clamp_min(1e-30)
+    bad = ~torch.isclose(actual_f, expected_f, rtol=rtol, atol=atol)
+    if bad.any():
+        where = bad.nonzero()[:5].tolist()
+        details = [(w, actual_f[tuple(w)].item(), expected_f[tuple(w)].item()) for w in where]
+        raise AssertionError(
+            f"{name} mismatch: {int(bad.sum())} of {bad.numel()} elements, relative RMS {rms:.3e}, "
+            f"first (index, actual, expected): {details}"
+        )
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+SD3_SPEC = TinySpec()
+SD35_SPEC = TinySpec(num_layers=3, dual_attention=True)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe():
+    return tiny_pipeline(SD3_SPEC)
+
+
+@pytest.fixture(scope="session")
+def sd35_pipe():
+    return tiny_pipeline(SD35_SPEC)
+
+
+def generate(pipe, spec: TinySpec = SD3_SPEC, batch: int = 1, height: int = 32, width: int = 32, seed: int = 0,
+             guidance_scale: float = 3.0, dtype=torch.float32, **kwargs) -> torch.Tensor:
+    """Latents of one tiny generation (deterministic for a seed)."""
+    kwargs.setdefault("num_inference_steps", 8)
+    return pipe(
+        **tiny_prompt_embeds(spec, batch, dtype=dtype),
+        height=height,
+        width=width,
+        guidance_scale=guidance_scale,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images
+
+
+@pytest.fixture(autouse=True)
+def _unpatch_session_pipes(request):
+    """Tests share the session pipelines; make sure none leaves SDTM applied."""
+    yield
+    from sdtm import remove_SDTM
+
+    for name in ("sd3_pipe", "sd35_pipe"):
+        if name in request.fixturenames:
+            remove_SDTM(request.getfixturevalue(name))

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from sdtm import SDTMConfig, apply_SDTM, apply_sdtm
+
+
+def test_defaults_match_reference_sample_script():
+    c = SDTMConfig()
+    assert (c.ratio, c.deviation, c.switch_step, c.use_rand, c.sx, c.sy) == (0.3, 0.2, 20, True, 2, 2)
+    assert (c.a_s, c.a_d, c.a_p, c.pseudo_merge, c.mcw) == (0.05, 0.05, 2, False, 0.1)
+    assert (c.protect_steps_frequency, c.protect_layers_frequency) == (3, -1)
+    assert (c.merge_attn, c.merge_mlp, c.cache_each_step, c.backend) == (True, True, True, "auto")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"ratio": 1.5}, "ratio must lie in"),
+        ({"ratio": -0.1}, "ratio must lie in"),
+        ({"mcw": 1.1}, "mcw must lie in"),
+        ({"mcw": -0.5}, "mcw must lie in"),
+        ({"deviation": -0.1}, "deviation must lie in"),
+        ({"ratio": 0.1, "deviation": 0.2}, "ratio - deviation"),
+        ({"ratio": 0.9, "deviation": 0.2}, "ratio - deviation"),
+        ({"sx": 1, "sy": 1}, "at least 2 tokens"),
+        ({"sx": 0}, "sx must be >= 1"),
+        ({"backend": "cuda"}, "backend must be one of"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_argument(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SDTMConfig(**changes)
+
+
+@pytest.mark.parametrize("changes", [{"ratio": "0.3"}, {"sx": 2.0}, {"use_rand": 1}, {"switch_step": None}])
+def test_bad_types_raise_type_error(changes):
+    with pytest.raises(TypeError):
+        SDTMConfig(**changes)
+
+
+def test_apply_checks_arguments_before_touching_the_model(sd3_pipe):
+    with pytest.raises(ValueError, match="mcw"):
+        apply_SDTM(sd3_pipe, mcw=2.0)
+    assert not hasattr(sd3_pipe.transformer, "_sdtm_state")
+
+
+def test_module_without_sd3_blocks_is_rejected():
+    with pytest.raises(ValueError, match="no JointTransformerBlock"):
+        apply_SDTM(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="StableDiffusion3Pipeline"):
+        apply_SDTM(object())
+    with pytest.raises(TypeError, match="SDTMConfig"):
+        apply_sdtm(torch.nn.Linear(2, 2), {"ratio": 0.3})
+
+
+def test_unavailable_backend_says_why(sd3_pipe):
+    with pytest.raises(ValueError, match="backend='triton' is not available"):
+        apply_SDTM(sd3_pipe, backend="triton")

@@ -1,0 +1,213 @@
+"""Every compiled CPU op against its torch twin: random, odd and degenerate shapes, each dtype."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_close, requires_cpp
+from sdtm import reference as R
+from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+
+pytestmark = requires_cpp
+
+DTYPES = [(torch.float32, 1e-5, 1e-6), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# (B, grid_h, grid_w, C, sy, sx)
+SHAPES = [(1, 4, 4, 1, 2, 2), (3, 5, 7, 7, 2, 2), (2, 16, 16, 64, 2, 2), (1, 9, 13, 33, 3, 3), (2, 6, 10, 1536, 2, 3),
+          (1, 1, 1, 8, 2, 2)]
+SHAPE_IDS = ["B{}-H{}-W{}-C{}-win{}x{}".format(*s) for s in SHAPES]
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    from sdtm.cpp_ops import CPP_OPS
+
+    return CPP_OPS
+
+
+def _inputs(shape, dtype, seed=0):
+    b, h, w, c, sy, sx = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h * w, c, generator=g).to(dtype)
+    age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
+    prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
+    return Grid(h, w, sy, sx), x, prio, g
+
+
+def _plans(grid, x, prio, g, reduce_num, pseudo):
+    b = x.shape[0]
+    pos = random_or_first_positions(b, grid.num_windows, grid.window_size, True, g, "cpu")
+    scores = R.window_scores(x, prio, grid.height, grid.width, grid.sy, grid.sx, 0.05)
+    yield ssm_plan(scores, grid, reduce_num, pos, pseudo)
+    src, dst = idm_candidates(grid, pos)
+    if grid.num_windows:
+        score, best = R.bipartite_match(x, src, dst, prio, 0.05)
+        yield idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("with_priority", [False, True], ids=["plain", "priority"])
+def test_window_scores(cpp, shape, dtype, rtol, atol, with_priority):
+    grid, x, prio, _ = _inputs(shape, dtype)
+    prio = prio if with_priority else None
+    args = (x, prio, grid.height, grid.width, grid.sy, grid.sx, 0.05)
+    expected = R.window_scores(*args)
+    actual = cpp.window_scores(*args)
+    assert actual.dtype == torch.float32 and actual.shape == (x.shape[0], grid.num_windows)
+    assert_close(actual, expected, rtol=1e-5, atol=1e-5, name="window_scores")
+
+
+def test_window_scores_zero_tokens_score_zero(cpp):
+    x = torch.zeros(1, 4, 3)
+    x[0, 0] = 1.0
+    assert_close(cpp.window_scores(x, None, 2, 2, 2, 2, 0.0), R.window_scores(x, None, 2, 2, 2, 2, 0.0), 1e-6)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES[:-1], ids=SHAPE_IDS[:-1])
+def test_bipartite_match(cpp, shape, dtype, rtol, atol):
+    grid, x, prio, g = _inputs(shape, dtype)
+    pos = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, "cpu")
+    src, dst = idm_candidates(grid, pos)
+    score, best = cpp.bipartite_match(x, src, dst, prio, 0.05)
+    ref_score, ref_best = R.bipartite_match(x, src, dst, prio, 0.05)
+    assert_close(score, ref_score, rtol=1e-5, atol=1e-5, name="score")
+    # An argmax may differ only where two destinations are equally similar within rounding.
+    unit = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    chosen = torch.einsum("bac,bac->ba", unit.gather(1, src[..., None].expand(-1, -1, x.shape[2])),
+                          unit.gather(1, dst.gather(1, best)[..., None].expand(-1, -1, x.shape[2])))
+    assert_close(chosen, (ref_score - 0.05 * prio.gather(1, src)), rtol=1e-5, atol=1e-5, name="best")
+
+
+def test_bipartite_match_larger_than_one_tile(cpp):
+    grid, x, prio, g = _inputs((1, 24, 48, 16, 2, 2), torch.float32)  # 288 destinations > one tile of 256
+    pos = torch.zeros(1, grid.num_windows, dtype=torch.int64)
+    src, dst = idm_candidates(grid, pos)
+    x[0, dst[0, 280]] = x[0, src[0, 5]] * 3.0  # a best match in the second tile
+    score, best = cpp.bipartite_match(x, src, dst, None, 0.0)
+    ref_score, ref_best = R.bipartite_match(x, src, dst, None, 0.0)
+    assert best[0, 5] == 280 and torch.equal(best, ref_best)
+    assert_close(score, ref_score, 1e-5, 1e-6, name="score")
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("pseudo", [False, True], ids=["mean", "pseudo"])
+@pytest.mark.parametrize("amount", ["none", "some", "all"])
+def test_merge(cpp, shape, dtype, rtol, atol, pseudo, amount):
+    grid, x, prio, g = _inputs(shape, dtype)
+    reduce_num = {"none": 0, "some": grid.num_tokens // 3, "all": grid.num_tokens}[amount]
+    for plan in _plans(grid, x, prio, g, reduce_num, pseudo):
+        args = (x, plan.slot, plan.members, plan.offsets, pseudo)
+        actual, expected = cpp.merge(*args), R.merge(*args)
+        assert actual.dtype == dtype and actual.shape == expected.shape
+        assert_close(actual, expected, rtol=rtol, atol=atol, name="merge")
+
+
+def test_merge_every_token_into_one_group(cpp):
+    x = torch.randn(2, 7, 5)
+    slot = torch.zeros(2, 7, dtype=torch.int64)
+    members = torch.arange(7).expand(2, -1).contiguous()
+    offsets = torch.tensor([[0, 7], [0, 7]])
+    assert_close(cpp.merge(x, slot, members, offsets, False), x.mean(1, keepdim=True), 1e-6, 1e-6, name="merge")
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("fused", ["plain", "cache", "cache+gate+residual"])
+def test_unmerge(cpp, shape, dtype, rtol, atol, fused):
+    grid, x, prio, g = _inputs(shape, dtype)
+    for plan in _plans(grid, x, prio, g, grid.num_tokens // 2, False):
+        b, n, c = x.shape
+        y = torch.randn(b, plan.num_merged, c, generator=g).to(dtype)
+        cache = torch.randn(b, n, c, generator=g).to(dtype) if fused != "plain" else None
+        gate = torch.randn(b, c, generator=g).to(dtype) if fused == "cache+gate+residual" else None
+        residual = torch.randn(b, n, c, generator=g).to(dtype) if gate is not None else None
+        for store in (True, False):
+            args = (y, plan.slot, plan.blend, cache, gate, residual, 0.1, store)
+            (out, new_cache), (ref_out, ref_cache) = cpp.unmerge(*args), R.unmerge(*args)
+            if dtype == torch.float32:  # same op order, no FMA: bit for bit
+                assert torch.equal(out, ref_out) and torch.equal(new_cache, ref_cache)
+            assert_close(out, ref_out, rtol=rtol, atol=atol, name="unmerge out")
+            assert new_cache.shape == ref_cache.shape
+            assert_close(new_cache, ref_cache, rtol=rtol, atol=atol, name="unmerge cache")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 40),
+    channels=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+    pseudo=st.booleans(),
+)
+def test_random_plans_round_trip(batch, tokens, channels, seed, pseudo):
+    """Random groupings (not only SDTM's): merge and unmerge agree with the twins."""
+    from sdtm.cpp_ops import CPP_OPS as cpp
+    from sdtm.plans import _assemble
+
+    g = torch.Generator().manual_seed(seed)
+    num_groups = int(torch.randint(0, tokens + 1, (1,), generator=g))
+    merged_per_sample = int(torch.randint(num_groups, tokens + 1, (1,), generator=g)) if num_groups else 0
+    unmerged = torch.ones(batch, tokens, dtype=torch.bool)
+    group_of = torch.zeros(batch, tokens, dtype=torch.int64)
+    is_dst = torch.zeros(batch, tokens, dtype=torch.bool)
+    for b in range(batch):
+        chosen = torch.randperm(tokens, generator=g)[:merged_per_sample]
+        unmerged[b, chosen] = False
+        groups = torch.cat([torch.arange(num_groups),
+                            torch.randint(0, max(num_groups, 1), (merged_per_sample - num_groups,), generator=g)])
+        group_of[b, chosen] = groups
+        is_dst[b, chosen[:num_groups]] = True
+    plan = _assemble(tokens - merged_per_sample, unmerged, group_of, num_groups, is_dst, pseudo)
+    x = torch.randn(batch, tokens, channels, generator=g)
+    merged = cpp.merge(x, plan.slot, plan.members, plan.offsets, pseudo)
+    assert_close(merged, R.merge(x, plan.slot, plan.members, plan.offsets, pseudo), 1e-5, 1e-6, name="merge")
+    cache = torch.randn(batch, tokens, channels, generator=g)
+    out, _ = cpp.unmerge(merged, plan.slot, plan.blend, cache, None, None, 0.3, False)
+    ref, _ = R.unmerge(merged, plan.slot, plan.blend, cache, None, None, 0.3, False)
+    assert torch.equal(out, ref)
+
+
+def test_opcheck():
+    from sdtm.cpp_ops import CPP_OPS  # noqa: F401  registers the fake implementations
+
+    grid, x, prio, g = _inputs((2, 6, 8, 5, 2, 2), torch.float32)
+    plan = next(_plans(grid, x, prio, g, 24, False))
+    src, dst = idm_candidates(grid, torch.zeros(2, grid.num_windows, dtype=torch.int64))
+    y = torch.randn(2, plan.num_merged, 5)
+    cache, gate, residual = torch.randn(2, 48, 5), torch.randn(2, 5), torch.randn(2, 48, 5)
+    cases = [
+        (torch.ops.sdtm.window_scores.default, (x, prio, 6, 8, 2, 2, 0.05)),
+        (torch.ops.sdtm.bipartite_match.default, (x, src, dst, prio, 0.05)),
+        (torch.ops.sdtm.merge.default, (x, plan.slot, plan.members, plan.offsets, False)),
+        (torch.ops.sdtm.unmerge.default, (y, plan.slot, plan.blend, cache, gate, residual, 0.1, True)),
+        (torch.ops.sdtm.unmerge.default, (y, plan.slot, plan.blend, None, None, None, 0.1, False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_arguments_are_reported(cpp):
+    x = torch.randn(1, 4, 3)
+    slot = torch.tensor([[0, 1, 2, 3]])
+    members = torch.tensor([[0, 1, 2, 3]])
+    offsets = torch.tensor([[0, 1, 2, 3, 4]])
+    with pytest.raises(RuntimeError, match="members must lie in"):
+        cpp.merge(x, slot, torch.tensor([[0, 1, 2, 9]]), offsets, False)
+    with pytest.raises(RuntimeError, match="offsets must"):
+        cpp.merge(x, slot, members, torch.tensor([[0, 1, 1, 3, 4]]), False)
+    with pytest.raises(RuntimeError, match="x must be \\[B, N, C\\]"):
+        cpp.merge(x[0], slot, members, offsets, False)
+    with pytest.raises(RuntimeError, match="int64"):
+        cpp.merge(x, slot.int(), members, offsets, False)
+    with pytest.raises(RuntimeError, match="slot must lie in"):
+        cpp.unmerge(x, torch.tensor([[0, 1, 2, 4]]), torch.zeros(1, 4, dtype=torch.bool), None, None, None, 0.1, False)
+    with pytest.raises(RuntimeError, match="cache must be"):
+        cpp.unmerge(x, slot, torch.zeros(1, 4, dtype=torch.bool), torch.randn(1, 5, 3), None, None, 0.1, False)
+    with pytest.raises(RuntimeError, match="does not match"):
+        cpp.window_scores(x, None, 3, 3, 2, 2, 0.0)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        cpp.window_scores(x.double(), None, 2, 2, 2, 2, 0.0)

@@ -1,0 +1,233 @@
+"""SDTM on tiny SD3 / SD3.5 pipelines: exactness where nothing merges, every edge case, backends agree."""
+
+import pytest
+import torch
+
+from conftest import SD3_SPEC, SD35_SPEC, generate, relative_difference, requires_cpp
+from sdtm import SDTMConfig, apply_SDTM, apply_sdtm, remove_SDTM, sdtm_state
+from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds, tiny_transformer
+
+NO_MERGE_SETTINGS = [
+    {"ratio": 0.0, "deviation": 0.0},
+    {"protect_steps_frequency": 1},
+    {"protect_layers_frequency": 1},
+]
+
+
+@pytest.mark.parametrize("settings", NO_MERGE_SETTINGS, ids=["ratio0", "every-step-protected", "every-layer-protected"])
+@pytest.mark.parametrize("model", ["sd3", "sd35"])
+def test_nothing_merged_reproduces_unpatched_bit_for_bit(sd3_pipe, sd35_pipe, model, settings):
+    pipe, spec = (sd3_pipe, SD3_SPEC) if model == "sd3" else (sd35_pipe, SD35_SPEC)
+    expected = generate(pipe, spec, num_inference_steps=6)
+    apply_SDTM(pipe, **settings)
+    assert torch.equal(generate(pipe, spec, num_inference_steps=6), expected)
+
+
+def test_remove_restores_exactly_and_apply_twice_is_safe(sd3_pipe):
+    block_class = type(sd3_pipe.transformer.transformer_blocks[0])
+    expected = generate(sd3_pipe)
+    apply_SDTM(sd3_pipe)
+    merged = generate(sd3_pipe)
+    assert not torch.equal(merged, expected) and torch.isfinite(merged).all()
+    apply_SDTM(sd3_pipe)  # again: replaces, does not stack
+    patched_class = type(sd3_pipe.transformer.transformer_blocks[0])
+    assert patched_class.__mro__[1] is block_class
+    assert len(sd3_pipe.transformer._forward_pre_hooks) == 1
+    assert torch.equal(generate(sd3_pipe), merged)
+    assert remove_SDTM(sd3_pipe) is sd3_pipe
+    assert type(sd3_pipe.transformer.transformer_blocks[0]) is block_class
+    assert not sd3_pipe.transformer._forward_pre_hooks
+    assert torch.equal(generate(sd3_pipe), expected)
+    remove_SDTM(sd3_pipe)  # harmless when not applied
+
+
+def test_apply_returns_what_it_was_given(sd3_pipe):
+    assert apply_SDTM(sd3_pipe) is sd3_pipe
+    transformer = sd3_pipe.transformer
+    assert apply_sdtm(transformer, SDTMConfig(), scheduler=sd3_pipe.scheduler) is transformer
+
+
+def test_same_seed_same_image_across_generations_and_state_resets(sd3_pipe):
+    apply_SDTM(sd3_pipe, use_rand=True)
+    first = generate(sd3_pipe, batch=2, num_inference_steps=6)
+    state = sdtm_state(sd3_pipe)
+    steps_first = [r.step for r in state.records]
+    second = generate(sd3_pipe, batch=2, num_inference_steps=6)
+    assert torch.equal(first, second)
+    assert [r.step for r in state.records] == steps_first == sorted(steps_first)
+    assert state.generation >= 2
+    other = generate(sd3_pipe, batch=2, num_inference_steps=5)  # a different schedule in between
+    assert other.shape == first.shape
+    assert torch.equal(generate(sd3_pipe, batch=2, num_inference_steps=6), first)
+
+
+def _steps_seen(pipe):
+    return sorted({r.step for r in sdtm_state(pipe).records})
+
+
+def test_steps_from_keyword_default_and_custom_sigmas(sd3_pipe):
+    apply_SDTM(sd3_pipe)
+    generate(sd3_pipe, num_inference_steps=7)
+    assert _steps_seen(sd3_pipe) == list(range(7)) and sdtm_state(sd3_pipe).num_steps == 7
+    kwargs = tiny_prompt_embeds(SD3_SPEC)
+    sd3_pipe(**kwargs, height=32, width=32, output_type="latent")  # num_inference_steps left default (28)
+    assert _steps_seen(sd3_pipe) == list(range(28))
+    sigmas = [1.0, 0.8, 0.5, 0.3, 0.1]
+    sd3_pipe(**kwargs, height=32, width=32, output_type="latent", sigmas=sigmas)
+    assert _steps_seen(sd3_pipe) == list(range(5)) and sdtm_state(sd3_pipe).num_steps == 5
+
+
+def test_skip_layer_guidance_keeps_one_step_per_timestep(sd3_pipe):
+    apply_SDTM(sd3_pipe)
+    generate(sd3_pipe, num_inference_steps=6, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+             skip_layer_guidance_stop=1.0)
+    state = sdtm_state(sd3_pipe)
+    assert _steps_seen(sd3_pipe) == list(range(6))
+    # Steps with skip-layer guidance call the transformer twice; each call keeps its own caches.
+    assert set(state.streams) == {0, 1}
+    assert state.streams[0].caches.keys() != set() and state.streams[1].caches.keys() != set()
+
+
+def test_transformer_alone_needs_the_scheduler(sd3_pipe):
+    transformer, scheduler = sd3_pipe.transformer, sd3_pipe.scheduler
+    kwargs = tiny_prompt_embeds(SD3_SPEC)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def denoise():
+        scheduler.set_timesteps(5)
+        x = latents.clone()
+        for t in scheduler.timesteps:
+            out = transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=kwargs["prompt_embeds"],
+                              pooled_projections=kwargs["pooled_prompt_embeds"], return_dict=False)[0]
+            x = scheduler.step(out, t, x, return_dict=False)[0]
+        return x
+
+    apply_SDTM(transformer)
+    with pytest.raises(RuntimeError, match="scheduler"):
+        denoise()
+    apply_SDTM(transformer, scheduler=scheduler)
+    result = denoise()
+    assert torch.isfinite(result).all()
+    assert sorted({r.step for r in sdtm_state(transformer).records}) == list(range(5))
+    remove_SDTM(transformer)
+
+
+@pytest.mark.parametrize(
+    "height, width", [(24, 56), (26, 30), (34, 22)], ids=["nonsquare-12x28", "odd-13x15", "odd-17x11"]
+)
+def test_non_square_and_odd_grids(sd3_pipe, monkeypatch, height, width):
+    from sdtm import block as block_module
+
+    plans = []
+    original = block_module.compute_plan
+
+    def record(state, action, metric, ops):
+        plan = original(state, action, metric, ops)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(block_module, "compute_plan", record)
+    apply_SDTM(sd3_pipe, ratio=0.5, deviation=0.2)
+    out = generate(sd3_pipe, height=height, width=width, num_inference_steps=6)
+    assert torch.isfinite(out).all()
+    grid = sdtm_state(sd3_pipe).grid
+    assert (grid.height, grid.width) == (height // 2, width // 2)
+    border = [r * grid.width + c for r in range(grid.height) for c in range(grid.width)
+              if r >= grid.height // 2 * 2 or c >= grid.width // 2 * 2]
+    assert plans and any(p.num_merged < grid.num_tokens for p in plans)
+    for plan in plans:
+        assert not plan.blend[:, border].any()
+
+
+@pytest.mark.parametrize("batch, guidance", [(1, 1.0), (3, 1.0), (3, 3.0)], ids=["B1", "B3", "B6-cfg"])
+def test_odd_and_large_batches(sd3_pipe, batch, guidance):
+    apply_SDTM(sd3_pipe, use_rand=True)
+    out = generate(sd3_pipe, batch=batch, guidance_scale=guidance)
+    assert out.shape[0] == batch and torch.isfinite(out).all()
+    assert sdtm_state(sd3_pipe).streams[0].merge_age.shape[0] == batch * (2 if guidance > 1 else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision(dtype):
+    pipe = tiny_pipeline(SD3_SPEC, dtype=dtype)
+    expected = generate(pipe, dtype=dtype, num_inference_steps=5)
+    apply_SDTM(pipe, ratio=0.0, deviation=0.0)
+    assert torch.equal(generate(pipe, dtype=dtype, num_inference_steps=5), expected)
+    apply_SDTM(pipe, ratio=0.5)
+    merged = generate(pipe, dtype=dtype, num_inference_steps=5)
+    assert merged.dtype == dtype and torch.isfinite(merged).all()
+    assert relative_difference(merged, expected) < 0.5
+
+
+def test_dual_attention_runs_on_merged_tokens(sd35_pipe):
+    seen = []
+    block = sd35_pipe.transformer.transformer_blocks[0]
+    assert block.use_dual_attention
+    handle = block.attn2.register_forward_hook(lambda module, args, kwargs_out: seen.append(True))
+    token_counts = []
+    h2 = block.attn2.register_forward_pre_hook(
+        lambda module, args, kwargs: token_counts.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+    )
+    try:
+        apply_SDTM(sd35_pipe, ratio=0.5, switch_step=10)
+        generate(sd35_pipe, SD35_SPEC, num_inference_steps=5)
+    finally:
+        handle.remove()
+        h2.remove()
+    assert len(seen) == 5  # attn2 runs at every step, merged or not
+    assert min(token_counts) < 256 == max(token_counts)
+    state = sdtm_state(sd35_pipe)
+    assert ("attn2", 0) in state.streams[0].caches
+
+
+def test_chunked_feed_forward_keeps_working(sd3_pipe):
+    # 32 text tokens and 256 image tokens divide the chunk; merged counts such as 208 do not.
+    spec = TinySpec(text_tokens=32)
+    apply_SDTM(sd3_pipe, ratio=0.45)
+    expected = generate(sd3_pipe, spec)
+    sd3_pipe.transformer.enable_forward_chunking(chunk_size=32, dim=1)
+    try:
+        chunked = generate(sd3_pipe, spec)
+    finally:
+        sd3_pipe.transformer.disable_forward_chunking()
+    assert relative_difference(chunked, expected) < 1e-5
+
+
+def test_cache_memory_is_layers_times_sublayers_times_activations(sd3_pipe):
+    apply_SDTM(sd3_pipe, switch_step=3)
+    generate(sd3_pipe, batch=1, num_inference_steps=6)
+    state = sdtm_state(sd3_pipe)
+    batch, tokens, channels = 2, 256, SD3_SPEC.channels
+    assert state.cache_bytes() == SD3_SPEC.num_layers * 2 * batch * tokens * channels * 4
+
+
+def test_merge_switches_are_honoured(sd3_pipe):
+    apply_SDTM(sd3_pipe, merge_attn=False, ratio=0.5)
+    generate(sd3_pipe, num_inference_steps=5)
+    records = sdtm_state(sd3_pipe).records
+    assert all(r.attn_tokens == 256 for r in records) and any(r.mlp_tokens < 256 for r in records)
+    apply_SDTM(sd3_pipe, merge_mlp=False, ratio=0.5, switch_step=2)
+    generate(sd3_pipe, num_inference_steps=5)
+    records = sdtm_state(sd3_pipe).records
+    assert all(r.mlp_tokens == 256 for r in records) and any(r.attn_tokens < 256 for r in records)
+    assert all(r.mode != "merged" for r in records if r.step > 2)
+
+
+@requires_cpp
+@pytest.mark.parametrize("model", ["sd3", "sd35"])
+def test_cpp_backend_equals_torch_backend(sd3_pipe, sd35_pipe, model):
+    pipe, spec = (sd3_pipe, SD3_SPEC) if model == "sd3" else (sd35_pipe, SD35_SPEC)
+    apply_SDTM(pipe, backend="torch", switch_step=3)
+    reference = generate(pipe, spec, height=40, width=56)
+    apply_SDTM(pipe, backend="cpp", switch_step=3)
+    fused = generate(pipe, spec, height=40, width=56)
+    assert relative_difference(fused, reference) <= 1e-5
+
+
+def test_block_called_outside_the_transformer_is_an_error(sd3_pipe):
+    transformer = tiny_transformer(TinySpec())
+    apply_SDTM(transformer, scheduler=sd3_pipe.scheduler)
+    block = transformer.transformer_blocks[0]
+    x = torch.randn(1, 16, SD3_SPEC.channels)
+    with pytest.raises(RuntimeError, match="outside its transformer"):
+        block(hidden_states=x, encoder_hidden_states=torch.randn(1, 7, SD3_SPEC.channels), temb=torch.randn(1, 32))
