@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from diffusers.utils import logging as diffusers_logging
 
-from sdtm.ops import cpp_unavailable_reason
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set before
+# anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from sdtm.ops import cpp_unavailable_reason, triton_unavailable_reason  # noqa: E402
 from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
 
 diffusers_logging.set_verbosity_error()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 requires_cpp = pytest.mark.skipif(cpp_unavailable_reason() is not None, reason=str(cpp_unavailable_reason()))
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+requires_triton = pytest.mark.skipif(
+    triton_unavailable_reason(TRITON_DEVICE) is not None, reason=str(triton_unavailable_reason(TRITON_DEVICE))
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = ""):

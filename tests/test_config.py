@@ -53,6 +53,18 @@ def test_module_without_sd3_blocks_is_rejected():
         apply_sdtm(torch.nn.Linear(2, 2), {"ratio": 0.3})
 
 
-def test_unavailable_backend_says_why(sd3_pipe):
-    with pytest.raises(ValueError, match="backend='triton' is not available"):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton is available on this GPU machine")
+def test_unavailable_backend_says_why(sd3_pipe, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' is not available: no CUDA device"):
         apply_SDTM(sd3_pipe, backend="triton")
+    assert not hasattr(sd3_pipe.transformer, "_sdtm_state")
+
+
+def test_cpp_backend_refuses_other_devices():
+    from sdtm.ops import cpp_unavailable_reason, ops_for
+
+    if cpp_unavailable_reason() is not None:
+        pytest.skip(cpp_unavailable_reason())
+    with pytest.raises(ValueError, match="run on CPU tensors, got meta"):
+        ops_for("cpp", torch.device("meta"))

@@ -1,0 +1,103 @@
+"""unmerge on the GPU: scatter a merged sub-layer output back to every token, blend group members with
+the cache, add the residual and write the new cache, in one pass over [B, N, C].
+
+    u = gate[b] * y[b, slot[b, n]]                 (gate optional)
+    u = mcw * u + (1 - mcw) * cache[b, n]          where blend[b, n] and a cache is given
+    out = residual[b, n] + u (or u);  new_cache = u (when store_cache)
+
+Each program covers BLOCK_T tokens x BLOCK_C channels; products are rounded to the tensor dtype in the
+order torch's op sequence rounds them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import check_device, check_float
+
+
+@triton.jit
+def _unmerge_kernel(
+    y_ptr, slot_ptr, blend_ptr, cache_ptr, gate_ptr, residual_ptr, out_ptr, new_cache_ptr,
+    num_tokens, num_rows, channels, total_tokens, keep, refresh,
+    HAS_CACHE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_mask = t < total_tokens
+    mask = t_mask[:, None] & (c[None, :] < channels)
+    b = t // num_tokens
+    slot = tl.load(slot_ptr + t, mask=t_mask, other=0)
+    src = (b * num_rows + slot).to(tl.int64) * channels
+    dst = t.to(tl.int64) * channels
+    u = tl.load(y_ptr + src[:, None] + c[None, :], mask=mask, other=0.0)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + b[:, None] * channels + c[None, :], mask=mask, other=0.0)
+        u = (g.to(tl.float32) * u.to(tl.float32)).to(u.dtype)
+    if HAS_CACHE:
+        blend = tl.load(blend_ptr + t, mask=t_mask, other=0) != 0
+        cached = tl.load(cache_ptr + dst[:, None] + c[None, :], mask=mask, other=0.0)
+        fresh = (keep * u.to(tl.float32)).to(u.dtype)
+        old = (refresh * cached.to(tl.float32)).to(u.dtype)
+        mixed = (fresh.to(tl.float32) + old.to(tl.float32)).to(u.dtype)
+        u = tl.where(blend[:, None], mixed, u)
+    if STORE:
+        tl.store(new_cache_ptr + dst[:, None] + c[None, :], u, mask=mask)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + dst[:, None] + c[None, :], mask=mask, other=0.0)
+        u = (r.to(tl.float32) + u.to(tl.float32)).to(u.dtype)
+    tl.store(out_ptr + dst[:, None] + c[None, :], u, mask=mask)
+
+
+def _check_full(t: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype) -> None:
+    if t is not None and (tuple(t.shape) != shape or t.dtype != dtype):
+        raise ValueError(f"{name} must be {dtype} of shape {shape}, got {t.dtype} of shape {tuple(t.shape)}.")
+
+
+@triton_op("sdtm_triton::unmerge", mutates_args=())
+def unmerge(
+    y: torch.Tensor,
+    slot: torch.Tensor,
+    blend: torch.Tensor,
+    cache: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mcw: float,
+    store_cache: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``sdtm.reference.unmerge``: y [B, M, C] -> (out [B, N, C], new cache or empty)."""
+    check_float(y, "y")
+    check_device(y, slot, blend, cache, gate, residual)
+    batch, num_rows, channels = y.shape
+    num_tokens = slot.shape[1]
+    full = (batch, num_tokens, channels)
+    _check_full(cache, "cache", full, y.dtype)
+    _check_full(residual, "residual", full, y.dtype)
+    _check_full(gate, "gate", (batch, channels), y.dtype)
+    if not 0.0 <= mcw <= 1.0:
+        raise ValueError(f"mcw must lie in [0, 1], got {mcw}.")
+    out = torch.empty(full, dtype=y.dtype, device=y.device)
+    new_cache = torch.empty(full if store_cache else (0,), dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
+        return out, new_cache
+    # 8 tokens x up to 256 channels per program: 2048 values, 16 per thread at 4 warps, and whole
+    # 128-byte lines per token row on both Ampere and Hopper.
+    block_c = min(triton.next_power_of_2(channels), 256)
+    block_t = 8
+    grid = (triton.cdiv(batch * num_tokens, block_t), triton.cdiv(channels, block_c))
+    placeholder = out  # any pointer for the absent optional inputs; never read
+    wrap_triton(_unmerge_kernel)[grid](
+        y.contiguous(), slot.contiguous(), blend.contiguous(),
+        cache.contiguous() if cache is not None else placeholder,
+        gate.contiguous() if gate is not None else placeholder,
+        residual.contiguous() if residual is not None else placeholder,
+        out, new_cache if store_cache else placeholder,
+        num_tokens, num_rows, channels, batch * num_tokens, float(mcw), float(1.0 - mcw),
+        HAS_CACHE=cache is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+        STORE=bool(store_cache), BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+    return out, new_cache

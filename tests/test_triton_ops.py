@@ -1,0 +1,176 @@
+"""Every Triton kernel against its torch twin (under Triton's interpreter on CPU without a GPU), the tiny
+pipelines with backend="triton", and GPU-only checks that skip without CUDA."""
+
+import pytest
+import torch
+
+from conftest import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, relative_difference
+from conftest import requires_cuda, requires_triton
+from sdtm import apply_SDTM
+from sdtm import reference as R
+from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+
+pytestmark = requires_triton
+
+# bfloat16: an absolute 1/16 allows one rounding step of values near 10 (Triton's interpreter emulates
+# bfloat16 arithmetic, which may round an intermediate the other way).
+DTYPES = [(torch.float32, 1e-5, 1e-6), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 6.25e-2)]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# Small: the interpreter runs every program instance in numpy. (B, grid_h, grid_w, C, sy, sx)
+SHAPES = [(1, 4, 4, 1, 2, 2), (3, 5, 7, 7, 2, 2), (2, 6, 10, 33, 2, 3), (1, 7, 9, 20, 3, 3)]
+SHAPE_IDS = ["B{}-H{}-W{}-C{}-win{}x{}".format(*s) for s in SHAPES]
+
+
+@pytest.fixture(scope="module")
+def triton_ops():
+    from sdtm.ops import ops_for
+
+    return ops_for("triton", TRITON_DEVICE)
+
+
+def _inputs(shape, dtype, seed=0):
+    b, h, w, c, sy, sx = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h * w, c, generator=g).to(dtype)
+    age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
+    prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
+    return Grid(h, w, sy, sx), x.to(TRITON_DEVICE), prio.to(TRITON_DEVICE), g
+
+
+def _plans(grid, x, prio, g, reduce_num, pseudo):
+    pos = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
+    scores = R.window_scores(x, prio, grid.height, grid.width, grid.sy, grid.sx, 0.05)
+    yield ssm_plan(scores, grid, reduce_num, pos, pseudo)
+    src, dst = idm_candidates(grid, pos)
+    score, best = R.bipartite_match(x, src, dst, prio, 0.05)
+    yield idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_triton_window_scores(triton_ops, shape, dtype, rtol, atol):
+    grid, x, prio, _ = _inputs(shape, dtype)
+    for p in (None, prio):
+        args = (x, p, grid.height, grid.width, grid.sy, grid.sx, 0.05)
+        assert_close(triton_ops.window_scores(*args), R.window_scores(*args), 1e-5, 1e-5, name="window_scores")
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=SHAPE_IDS[1:])
+def test_triton_bipartite_match(triton_ops, shape, dtype, rtol, atol):
+    grid, x, prio, g = _inputs(shape, dtype)
+    pos = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
+    src, dst = idm_candidates(grid, pos)
+    score, best = triton_ops.bipartite_match(x, src, dst, prio, 0.05)
+    ref_score, _ = R.bipartite_match(x, src, dst, prio, 0.05)
+    assert_close(score, ref_score, 1e-5, 1e-5, name="score")
+    # The chosen destination is a best one (ties within rounding may pick either).
+    unit = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    c = x.shape[2]
+    chosen = (unit.gather(1, src[..., None].expand(-1, -1, c)) * unit.gather(1, dst.gather(1, best)[..., None]
+                                                                             .expand(-1, -1, c))).sum(-1)
+    assert_close(chosen + 0.05 * prio.gather(1, src), ref_score, 1e-5, 1e-5, name="best")
+
+
+def test_triton_bipartite_match_spans_destination_tiles(triton_ops):
+    grid, x, prio, g = _inputs((1, 8, 16, 24, 2, 2), torch.float32)  # 32 destinations: 2 interpreter tiles
+    src, dst = idm_candidates(grid, torch.zeros(1, grid.num_windows, dtype=torch.int64, device=x.device))
+    x[0, dst[0, 30]] = x[0, src[0, 3]] * 2.0
+    score, best = triton_ops.bipartite_match(x, src, dst, None, 0.0)
+    ref_score, ref_best = R.bipartite_match(x, src, dst, None, 0.0)
+    assert best[0, 3] == 30 and torch.equal(best, ref_best)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("pseudo", [False, True], ids=["mean", "pseudo"])
+def test_triton_merge(triton_ops, shape, dtype, rtol, atol, pseudo):
+    grid, x, prio, g = _inputs(shape, dtype)
+    for reduce_num in (0, grid.num_tokens // 2, grid.num_tokens):
+        for plan in _plans(grid, x, prio, g, reduce_num, pseudo):
+            args = (x, plan.slot, plan.members, plan.offsets, pseudo)
+            assert_close(triton_ops.merge(*args), R.merge(*args), rtol, atol, name="merge")
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("fused", ["plain", "cache", "cache+gate+residual"])
+def test_triton_unmerge(triton_ops, shape, dtype, rtol, atol, fused):
+    grid, x, prio, g = _inputs(shape, dtype)
+    b, n, c = x.shape
+    for plan in _plans(grid, x, prio, g, n // 2, False):
+        def draw(*size):
+            return torch.randn(*size, generator=g).to(dtype).to(x.device)
+
+        y = draw(b, plan.num_merged, c)
+        cache = draw(b, n, c) if fused != "plain" else None
+        gate = draw(b, c) if "gate" in fused else None
+        residual = draw(b, n, c) if "residual" in fused else None
+        for store in (True, False):
+            args = (y, plan.slot, plan.blend, cache, gate, residual, 0.1, store)
+            (out, new_cache), (ref_out, ref_cache) = triton_ops.unmerge(*args), R.unmerge(*args)
+            assert_close(out, ref_out, rtol, atol, name="unmerge out")
+            assert new_cache.shape == ref_cache.shape
+            assert_close(new_cache, ref_cache, rtol, atol, name="unmerge cache")
+
+
+def test_triton_ops_reject_bad_input(triton_ops):
+    x = torch.randn(1, 4, 3, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="does not match"):
+        triton_ops.window_scores(x, None, 3, 3, 2, 2, 0.0)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        triton_ops.window_scores(x.double(), None, 2, 2, 2, 2, 0.0)
+    with pytest.raises(ValueError, match="cache must be"):
+        triton_ops.unmerge(x, torch.zeros(1, 4, dtype=torch.int64, device=x.device),
+                           torch.zeros(1, 4, dtype=torch.bool, device=x.device), torch.randn(1, 5, 3), None, None,
+                           0.1, False)
+
+
+@pytest.mark.parametrize("model", ["sd3", "sd35"])
+def test_triton_pipeline_equals_torch(sd3_pipe, sd35_pipe, model):
+    pipe, spec = (sd3_pipe, SD3_SPEC) if model == "sd3" else (sd35_pipe, SD35_SPEC)
+    device = TRITON_DEVICE
+    pipe.to(device)
+    try:
+        apply_SDTM(pipe, backend="torch", switch_step=2)
+        reference = generate(pipe, spec, num_inference_steps=5, height=24, width=40)
+        apply_SDTM(pipe, backend="triton", switch_step=2)
+        fused = generate(pipe, spec, num_inference_steps=5, height=24, width=40)
+    finally:
+        pipe.to("cpu")
+    assert relative_difference(fused, reference) <= 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_gpu_large_shapes(triton_ops, dtype):
+    """SD3 at 1024 x 1024 (B=2, N=4096, C=1536) on the GPU against the twins."""
+    g = torch.Generator().manual_seed(0)
+    grid = Grid(64, 64, 2, 2)
+    x = torch.randn(2, 4096, 1536, generator=g).to("cuda", dtype)
+    prio = torch.rand(2, 4096, generator=g).cuda()
+    args = (x, prio, 64, 64, 2, 2, 0.05)
+    assert_close(triton_ops.window_scores(*args), R.window_scores(*args), 1e-4, 1e-4, name="window_scores")
+    plan = next(_plans(grid, x, prio, g, 2048, False))
+    merge_args = (x, plan.slot, plan.members, plan.offsets, False)
+    assert_close(triton_ops.merge(*merge_args), R.merge(*merge_args), 1e-2, 1e-2, name="merge")
+    y = torch.randn(2, plan.num_merged, 1536, generator=g).to("cuda", dtype)
+    cache = torch.randn(2, 4096, 1536, generator=g).to("cuda", dtype)
+    un_args = (y, plan.slot, plan.blend, cache, None, x, 0.1, True)
+    assert_close(triton_ops.unmerge(*un_args)[0], R.unmerge(*un_args)[0], 1e-2, 1e-2, name="unmerge")
+
+
+@requires_cuda
+def test_triton_gpu_fp16_faster_than_twin(triton_ops):
+    """Speed sanity (not a benchmark): the fused merge and unmerge beat their torch twins on fp16."""
+    from torch.utils.benchmark import Timer
+
+    g = torch.Generator().manual_seed(0)
+    grid = Grid(64, 64, 2, 2)
+    x = torch.randn(2, 4096, 1536, generator=g).to("cuda", torch.float16)
+    prio = torch.rand(2, 4096, generator=g).cuda()
+    plan = next(_plans(grid, x, prio, g, 2048, False))
+    args = (x, plan.slot, plan.members, plan.offsets, False)
+    fused = Timer("f(*a)", globals={"f": triton_ops.merge, "a": args}).blocked_autorange(min_run_time=0.2).median
+    twin = Timer("f(*a)", globals={"f": R.merge, "a": args}).blocked_autorange(min_run_time=0.2).median
+    assert fused < twin, f"merge: triton {fused * 1e6:.0f} us vs torch {twin * 1e6:.0f} us"
