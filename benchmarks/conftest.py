@@ -34,6 +34,7 @@ def _backends() -> list:
     params.append(pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(cpp_reason is not None,
                                                                          reason=str(cpp_reason))))
     if torch.cuda.is_available():
+        params.append(pytest.param("torch-cuda", id="torch-cuda"))
         reason = triton_unavailable_reason(torch.device("cuda"))
         params.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(reason is not None,
                                                                                    reason=str(reason))))
@@ -44,7 +45,8 @@ BACKENDS = _backends()
 
 
 def device_for(backend: str) -> torch.device:
-    return torch.device("cuda") if backend == "triton" else torch.device("cpu")
+    """"torch" and "cpp" run on the CPU; "torch-cuda" (the torch twins on the GPU) and "triton" on CUDA."""
+    return torch.device("cuda") if backend in ("triton", "torch-cuda") else torch.device("cpu")
 
 
 @dataclass
@@ -93,12 +95,12 @@ def inputs_for(shape: Shape, backend: str) -> Inputs:
 
 
 def ops(backend: str):
-    return ops_for(backend, device_for(backend))
+    return ops_for(backend.removesuffix("-cuda"), device_for(backend))
 
 
 def synchronized(fn, backend: str):
     """``fn`` followed by a device synchronisation, so GPU timings measure the work."""
-    if backend != "triton":
+    if device_for(backend).type != "cuda":
         return fn
 
     def run():

@@ -122,7 +122,8 @@ def test_triton_ops_reject_bad_input(triton_ops):
         triton_ops.window_scores(x.double(), None, 2, 2, 2, 2, 0.0)
     with pytest.raises(ValueError, match="cache must be"):
         triton_ops.unmerge(x, torch.zeros(1, 4, dtype=torch.int64, device=x.device),
-                           torch.zeros(1, 4, dtype=torch.bool, device=x.device), torch.randn(1, 5, 3), None, None,
+                           torch.zeros(1, 4, dtype=torch.bool, device=x.device), torch.randn(1, 5, 3, device=x.device),
+                           None, None,
                            0.1, False)
 
 
