@@ -8,6 +8,7 @@ gather-style merge. ``merge`` (ops) goes from [B, N, C] to [B, M, C] with it, ``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,10 @@ def update_merge_age(merge_age: torch.Tensor | None, plan: MergePlan) -> torch.T
     return torch.where(plan.independent, torch.zeros_like(merge_age), merge_age + 1)
 
 
+@functools.lru_cache(maxsize=64)
 def _window_layout(grid: Grid, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every token: its window (-1 outside complete windows) and position inside it; plus the table."""
+    """For every token: its window (-1 outside complete windows) and position inside it; plus the table.
+    Cached per grid and device (read-only)."""
     table = window_tokens(grid.height, grid.width, grid.sy, grid.sx, device)  # [W, K]
     window_of = torch.full((grid.num_tokens,), -1, dtype=torch.int64, device=device)
     position_of = torch.zeros(grid.num_tokens, dtype=torch.int64, device=device)

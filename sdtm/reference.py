@@ -7,17 +7,20 @@ M merged tokens, A / D source / destination candidates.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 COSINE_EPS = 1e-8  # the eps of torch.nn.functional.cosine_similarity
 
 
+@functools.lru_cache(maxsize=64)
 def window_tokens(grid_h: int, grid_w: int, sy: int, sx: int, device=None) -> torch.Tensor:
     """Token indices of the complete windows, row-major over windows and inside each window.
 
     Returns [W, K] int64 with W = (grid_h // sy) * (grid_w // sx), K = sy * sx; token n = row * grid_w + col.
-    Tokens of incomplete border windows appear nowhere.
+    Tokens of incomplete border windows appear nowhere. Cached per grid and device: treat as read-only.
     """
     rows = torch.arange(grid_h // sy * sy, device=device).view(grid_h // sy, 1, sy, 1)
     cols = torch.arange(grid_w // sx * sx, device=device).view(1, grid_w // sx, 1, sx)

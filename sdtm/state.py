@@ -99,6 +99,9 @@ class SDTMState:
         self.grid = Grid(latent_height // patch, latent_width // patch, self.config.sy, self.config.sx)
 
     def _locate(self, timestep: torch.Tensor | float) -> int:
+        step = self._locate_view(timestep)
+        if step is not None:
+            return step
         if isinstance(timestep, torch.Tensor):
             values = timestep.detach().float().flatten().cpu()
             if values.numel() == 0:
@@ -119,6 +122,26 @@ class SDTMState:
                 "Pass the scheduler that produced the timesteps."
             )
         return step
+
+    def _locate_view(self, timestep) -> int | None:
+        """The step without reading the value: pipelines pass ``t.expand(B)`` for ``t`` in the scheduler's
+        timesteps, a view into that tensor's memory, so its address gives the position (and no GPU
+        synchronisation is needed). None when ``timestep`` is not such a view."""
+        timesteps = self._timesteps
+        if not isinstance(timestep, torch.Tensor) or timestep.dtype != timesteps.dtype:
+            return None
+        if timestep.device != timesteps.device or timesteps.dim() != 1 or timestep.numel() == 0:
+            return None
+        if any(stride != 0 for stride in timestep.stride()) and timestep.numel() > 1:
+            return None
+        offset = timestep.data_ptr() - timesteps.data_ptr()
+        size, stride = timesteps.element_size(), timesteps.stride(0) or 1
+        if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+            return None
+        if offset < 0 or offset % (size * stride):
+            return None
+        step = offset // (size * stride)
+        return step if step < len(self._timestep_values) else None
 
     @property
     def stream(self) -> CallStream:

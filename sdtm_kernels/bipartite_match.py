@@ -79,35 +79,46 @@ _tuned = triton.autotune(configs=_CONFIGS, key=["channels", "num_src", "num_dst"
 _INTERPRETER_META = {"BLOCK_A": 16, "BLOCK_D": 16, "BLOCK_C": 16}
 
 
-@triton_op("sdtm_triton::bipartite_match", mutates_args=())
-def bipartite_match(
-    x: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, priority: torch.Tensor | None, a_d: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``sdtm.reference.bipartite_match``: (score [B, A] float32, best [B, A] int64)."""
-    check_float(x, "x")
-    check_device(x, src_idx, dst_idx, priority)
-    batch, num_tokens, channels = x.shape
-    num_src, num_dst = src_idx.shape[1], dst_idx.shape[1]
-    if num_dst == 0 and num_src > 0:
-        raise ValueError("bipartite_match needs at least one destination token.")
-    score = torch.empty(batch, num_src, dtype=torch.float32, device=x.device)
-    best = torch.empty(batch, num_src, dtype=torch.int64, device=x.device)
-    if score.numel() == 0:
+def _make_bipartite_match(wrap):
+    """The launcher, launching kernels through ``wrap`` (plain in eager use, ``wrap_triton`` inside the
+    custom op so torch.compile can trace them)."""
+
+    def bipartite_match(
+        x: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, priority: torch.Tensor | None, a_d: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton twin of ``sdtm.reference.bipartite_match``: (score [B, A] float32, best [B, A] int64)."""
+        check_float(x, "x")
+        check_device(x, src_idx, dst_idx, priority)
+        batch, num_tokens, channels = x.shape
+        num_src, num_dst = src_idx.shape[1], dst_idx.shape[1]
+        if num_dst == 0 and num_src > 0:
+            raise ValueError("bipartite_match needs at least one destination token.")
+        score = torch.empty(batch, num_src, dtype=torch.float32, device=x.device)
+        best = torch.empty(batch, num_src, dtype=torch.int64, device=x.device)
+        if score.numel() == 0:
+            return score, best
+        x = x.contiguous()
+        inv_norm = 1.0 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(COSINE_EPS)
+        priority = priority.float().contiguous() if priority is not None else None
+        kernel = pick(_tuned, _bipartite_match_kernel)
+        meta = {} if kernel is _tuned else _INTERPRETER_META
+
+        def grid(meta_args):
+            return (triton.cdiv(num_src, meta_args["BLOCK_A"]), batch)
+
+        wrap(kernel)[grid](
+            x, inv_norm, src_idx.contiguous(), dst_idx.contiguous(), priority if priority is not None else score,
+            score, best, num_tokens, channels, num_src, num_dst, float(a_d),
+            HAS_PRIORITY=priority is not None, IEEE=x.dtype == torch.float32,
+            # Triton's interpreter has no bfloat16 dot; upcast there (GPUs take fp16/bf16 tiles natively).
+            UPCAST=interpreting(), **meta,
+        )
         return score, best
-    x = x.contiguous()
-    inv_norm = 1.0 / torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(COSINE_EPS)
-    priority = priority.float().contiguous() if priority is not None else None
-    kernel = pick(_tuned, _bipartite_match_kernel)
-    meta = {} if kernel is _tuned else _INTERPRETER_META
 
-    def grid(meta_args):
-        return (triton.cdiv(num_src, meta_args["BLOCK_A"]), batch)
+    return bipartite_match
 
-    wrap_triton(kernel)[grid](
-        x, inv_norm, src_idx.contiguous(), dst_idx.contiguous(), priority if priority is not None else score,
-        score, best, num_tokens, channels, num_src, num_dst, float(a_d),
-        HAS_PRIORITY=priority is not None, IEEE=x.dtype == torch.float32,
-        # Triton's interpreter has no bfloat16 dot; upcast there (GPUs take fp16/bf16 tiles natively).
-        UPCAST=interpreting(), **meta,
-    )
-    return score, best
+
+# Eager callers use the plain launcher: it skips the custom-op dispatch and wrap_triton's bookkeeping on
+# every call (launch overhead dominates at SD3 sizes). The custom op is what torch.compile traces into.
+bipartite_match = _make_bipartite_match(lambda kernel: kernel)
+bipartite_match_op = triton_op("sdtm_triton::bipartite_match", _make_bipartite_match(wrap_triton), mutates_args=())

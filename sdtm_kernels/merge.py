@@ -36,23 +36,34 @@ def _merge_kernel(
     tl.store(out_ptr + pid.to(tl.int64) * channels + c, acc.to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton_op("sdtm_triton::merge", mutates_args=())
-def merge(
-    x: torch.Tensor, slot: torch.Tensor, members: torch.Tensor, offsets: torch.Tensor, pseudo_merge: bool
-) -> torch.Tensor:
-    """Triton twin of ``sdtm.reference.merge``: x [B, N, C] -> [B, M, C]."""
-    check_float(x, "x")
-    check_device(x, slot, members, offsets)
-    batch, num_tokens, channels = x.shape
-    num_rows = offsets.shape[1] - 1
-    out = torch.empty(batch, num_rows, channels, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
+def _make_merge(wrap):
+    """The launcher, launching kernels through ``wrap`` (plain in eager use, ``wrap_triton`` inside the
+    custom op so torch.compile can trace them)."""
+
+    def merge(
+        x: torch.Tensor, slot: torch.Tensor, members: torch.Tensor, offsets: torch.Tensor, pseudo_merge: bool
+    ) -> torch.Tensor:
+        """Triton twin of ``sdtm.reference.merge``: x [B, N, C] -> [B, M, C]."""
+        check_float(x, "x")
+        check_device(x, slot, members, offsets)
+        batch, num_tokens, channels = x.shape
+        num_rows = offsets.shape[1] - 1
+        out = torch.empty(batch, num_rows, channels, dtype=x.dtype, device=x.device)
+        if out.numel() == 0:
+            return out
+        # Up to 1024 channels per program: a whole SD3 row (C = 1536) in two programs, 4 warps x 8 lanes.
+        block_c = min(triton.next_power_of_2(channels), 1024)
+        grid = (batch * num_rows, triton.cdiv(channels, block_c))
+        wrap(_merge_kernel)[grid](
+            x.contiguous(), members.contiguous(), offsets.contiguous(), out, num_tokens, num_rows, channels,
+            PSEUDO=bool(pseudo_merge), BLOCK_C=block_c,
+        )
         return out
-    # Up to 1024 channels per program: a whole SD3 row (C = 1536) in two programs, 4 warps x 8 lanes.
-    block_c = min(triton.next_power_of_2(channels), 1024)
-    grid = (batch * num_rows, triton.cdiv(channels, block_c))
-    wrap_triton(_merge_kernel)[grid](
-        x.contiguous(), members.contiguous(), offsets.contiguous(), out, num_tokens, num_rows, channels,
-        PSEUDO=bool(pseudo_merge), BLOCK_C=block_c,
-    )
-    return out
+
+    return merge
+
+
+# Eager callers use the plain launcher: it skips the custom-op dispatch and wrap_triton's bookkeeping on
+# every call (launch overhead dominates at SD3 sizes). The custom op is what torch.compile traces into.
+merge = _make_merge(lambda kernel: kernel)
+merge_op = triton_op("sdtm_triton::merge", _make_merge(wrap_triton), mutates_args=())

@@ -58,46 +58,57 @@ def _check_full(t: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dt
         raise ValueError(f"{name} must be {dtype} of shape {shape}, got {t.dtype} of shape {tuple(t.shape)}.")
 
 
-@triton_op("sdtm_triton::unmerge", mutates_args=())
-def unmerge(
-    y: torch.Tensor,
-    slot: torch.Tensor,
-    blend: torch.Tensor,
-    cache: torch.Tensor | None,
-    gate: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    mcw: float,
-    store_cache: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``sdtm.reference.unmerge``: y [B, M, C] -> (out [B, N, C], new cache or empty)."""
-    check_float(y, "y")
-    check_device(y, slot, blend, cache, gate, residual)
-    batch, num_rows, channels = y.shape
-    num_tokens = slot.shape[1]
-    full = (batch, num_tokens, channels)
-    _check_full(cache, "cache", full, y.dtype)
-    _check_full(residual, "residual", full, y.dtype)
-    _check_full(gate, "gate", (batch, channels), y.dtype)
-    if not 0.0 <= mcw <= 1.0:
-        raise ValueError(f"mcw must lie in [0, 1], got {mcw}.")
-    out = torch.empty(full, dtype=y.dtype, device=y.device)
-    new_cache = torch.empty(full if store_cache else (0,), dtype=y.dtype, device=y.device)
-    if out.numel() == 0:
+def _make_unmerge(wrap):
+    """The launcher, launching kernels through ``wrap`` (plain in eager use, ``wrap_triton`` inside the
+    custom op so torch.compile can trace them)."""
+
+    def unmerge(
+        y: torch.Tensor,
+        slot: torch.Tensor,
+        blend: torch.Tensor,
+        cache: torch.Tensor | None,
+        gate: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        mcw: float,
+        store_cache: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Triton twin of ``sdtm.reference.unmerge``: y [B, M, C] -> (out [B, N, C], new cache or empty)."""
+        check_float(y, "y")
+        check_device(y, slot, blend, cache, gate, residual)
+        batch, num_rows, channels = y.shape
+        num_tokens = slot.shape[1]
+        full = (batch, num_tokens, channels)
+        _check_full(cache, "cache", full, y.dtype)
+        _check_full(residual, "residual", full, y.dtype)
+        _check_full(gate, "gate", (batch, channels), y.dtype)
+        if not 0.0 <= mcw <= 1.0:
+            raise ValueError(f"mcw must lie in [0, 1], got {mcw}.")
+        out = torch.empty(full, dtype=y.dtype, device=y.device)
+        new_cache = torch.empty(full if store_cache else (0,), dtype=y.dtype, device=y.device)
+        if out.numel() == 0:
+            return out, new_cache
+        # 8 tokens x up to 256 channels per program: 2048 values, 16 per thread at 4 warps, and whole
+        # 128-byte lines per token row on both Ampere and Hopper.
+        block_c = min(triton.next_power_of_2(channels), 256)
+        block_t = 8
+        grid = (triton.cdiv(batch * num_tokens, block_t), triton.cdiv(channels, block_c))
+        placeholder = out  # any pointer for the absent optional inputs; never read
+        wrap(_unmerge_kernel)[grid](
+            y.contiguous(), slot.contiguous(), blend.contiguous(),
+            cache.contiguous() if cache is not None else placeholder,
+            gate.contiguous() if gate is not None else placeholder,
+            residual.contiguous() if residual is not None else placeholder,
+            out, new_cache if store_cache else placeholder,
+            num_tokens, num_rows, channels, batch * num_tokens, float(mcw), float(1.0 - mcw),
+            HAS_CACHE=cache is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+            STORE=bool(store_cache), BLOCK_T=block_t, BLOCK_C=block_c,
+        )
         return out, new_cache
-    # 8 tokens x up to 256 channels per program: 2048 values, 16 per thread at 4 warps, and whole
-    # 128-byte lines per token row on both Ampere and Hopper.
-    block_c = min(triton.next_power_of_2(channels), 256)
-    block_t = 8
-    grid = (triton.cdiv(batch * num_tokens, block_t), triton.cdiv(channels, block_c))
-    placeholder = out  # any pointer for the absent optional inputs; never read
-    wrap_triton(_unmerge_kernel)[grid](
-        y.contiguous(), slot.contiguous(), blend.contiguous(),
-        cache.contiguous() if cache is not None else placeholder,
-        gate.contiguous() if gate is not None else placeholder,
-        residual.contiguous() if residual is not None else placeholder,
-        out, new_cache if store_cache else placeholder,
-        num_tokens, num_rows, channels, batch * num_tokens, float(mcw), float(1.0 - mcw),
-        HAS_CACHE=cache is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-        STORE=bool(store_cache), BLOCK_T=block_t, BLOCK_C=block_c,
-    )
-    return out, new_cache
+
+    return unmerge
+
+
+# Eager callers use the plain launcher: it skips the custom-op dispatch and wrap_triton's bookkeeping on
+# every call (launch overhead dominates at SD3 sizes). The custom op is what torch.compile traces into.
+unmerge = _make_unmerge(lambda kernel: kernel)
+unmerge_op = triton_op("sdtm_triton::unmerge", _make_unmerge(wrap_triton), mutates_args=())

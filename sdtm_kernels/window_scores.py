@@ -58,29 +58,40 @@ def _block_c(k_pad: int, channels: int) -> int:
     return max(16, min(triton.next_power_of_2(max(channels, 1)), 4096 // (k_pad * k_pad)))
 
 
-@triton_op("sdtm_triton::window_scores", mutates_args=())
-def window_scores(
-    x: torch.Tensor, priority: torch.Tensor | None, grid_h: int, grid_w: int, sy: int, sx: int, a_s: float
-) -> torch.Tensor:
-    """Triton twin of ``sdtm.reference.window_scores``: x [B, N, C] -> scores [B, W] float32."""
-    check_float(x, "x")
-    check_device(x, priority)
-    if sy < 1 or sx < 1 or sy * sx < 2:
-        raise ValueError(f"a window must hold at least 2 tokens, got sy={sy}, sx={sx}.")
-    if grid_h * grid_w != x.shape[1]:
-        raise ValueError(f"grid {grid_h}x{grid_w} does not match N={x.shape[1]}.")
-    batch, num_tokens, channels = x.shape
-    windows_x = grid_w // sx
-    num_windows = (grid_h // sy) * windows_x
-    out = torch.empty(batch, num_windows, dtype=torch.float32, device=x.device)
-    if out.numel() == 0:
+def _make_window_scores(wrap):
+    """The launcher, launching kernels through ``wrap`` (plain in eager use, ``wrap_triton`` inside the
+    custom op so torch.compile can trace them)."""
+
+    def window_scores(
+        x: torch.Tensor, priority: torch.Tensor | None, grid_h: int, grid_w: int, sy: int, sx: int, a_s: float
+    ) -> torch.Tensor:
+        """Triton twin of ``sdtm.reference.window_scores``: x [B, N, C] -> scores [B, W] float32."""
+        check_float(x, "x")
+        check_device(x, priority)
+        if sy < 1 or sx < 1 or sy * sx < 2:
+            raise ValueError(f"a window must hold at least 2 tokens, got sy={sy}, sx={sx}.")
+        if grid_h * grid_w != x.shape[1]:
+            raise ValueError(f"grid {grid_h}x{grid_w} does not match N={x.shape[1]}.")
+        batch, num_tokens, channels = x.shape
+        windows_x = grid_w // sx
+        num_windows = (grid_h // sy) * windows_x
+        out = torch.empty(batch, num_windows, dtype=torch.float32, device=x.device)
+        if out.numel() == 0:
+            return out
+        x = x.contiguous()
+        priority = priority.float().contiguous() if priority is not None else None
+        k_pad = triton.next_power_of_2(sy * sx)
+        wrap(_window_scores_kernel)[(batch * num_windows,)](
+            x, priority if priority is not None else out, out,
+            num_tokens, channels, grid_w, windows_x, num_windows, float(a_s), COSINE_EPS,
+            HAS_PRIORITY=priority is not None, SY=sy, SX=sx, K_PAD=k_pad, BLOCK_C=_block_c(k_pad, channels),
+        )
         return out
-    x = x.contiguous()
-    priority = priority.float().contiguous() if priority is not None else None
-    k_pad = triton.next_power_of_2(sy * sx)
-    wrap_triton(_window_scores_kernel)[(batch * num_windows,)](
-        x, priority if priority is not None else out, out,
-        num_tokens, channels, grid_w, windows_x, num_windows, float(a_s), COSINE_EPS,
-        HAS_PRIORITY=priority is not None, SY=sy, SX=sx, K_PAD=k_pad, BLOCK_C=_block_c(k_pad, channels),
-    )
-    return out
+
+    return window_scores
+
+
+# Eager callers use the plain launcher: it skips the custom-op dispatch and wrap_triton's bookkeeping on
+# every call (launch overhead dominates at SD3 sizes). The custom op is what torch.compile traces into.
+window_scores = _make_window_scores(lambda kernel: kernel)
+window_scores_op = triton_op("sdtm_triton::window_scores", _make_window_scores(wrap_triton), mutates_args=())

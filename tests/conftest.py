@@ -64,8 +64,9 @@ def generate(pipe, spec: TinySpec = SD3_SPEC, batch: int = 1, height: int = 32, 
              guidance_scale: float = 3.0, dtype=torch.float32, **kwargs) -> torch.Tensor:
     """Latents of one tiny generation (deterministic for a seed)."""
     kwargs.setdefault("num_inference_steps", 8)
+    embeds = {k: v.to(pipe.transformer.device) for k, v in tiny_prompt_embeds(spec, batch, dtype=dtype).items()}
     return pipe(
-        **tiny_prompt_embeds(spec, batch, dtype=dtype),
+        **embeds,
         height=height,
         width=width,
         guidance_scale=guidance_scale,

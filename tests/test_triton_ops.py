@@ -175,3 +175,15 @@ def test_triton_gpu_fp16_faster_than_twin(triton_ops):
     fused = Timer("f(*a)", globals={"f": triton_ops.merge, "a": args}).blocked_autorange(min_run_time=0.2).median
     twin = Timer("f(*a)", globals={"f": R.merge, "a": args}).blocked_autorange(min_run_time=0.2).median
     assert fused < twin, f"merge: triton {fused * 1e6:.0f} us vs torch {twin * 1e6:.0f} us"
+
+
+def test_triton_custom_ops_match_the_launchers():
+    """torch.ops.sdtm_triton.* (what torch.compile sees) compute what the eager launchers compute."""
+    from sdtm_kernels.registry import TRITON_OPS
+
+    grid, x, prio, g = _inputs((2, 4, 6, 8, 2, 2), torch.float32)
+    args = (x, prio, 4, 6, 2, 2, 0.05)
+    assert torch.equal(torch.ops.sdtm_triton.window_scores(*args), TRITON_OPS.window_scores(*args))
+    plan = next(_plans(grid, x, prio, g, 12, False))
+    merge_args = (x, plan.slot, plan.members, plan.offsets, False)
+    assert torch.equal(torch.ops.sdtm_triton.merge(*merge_args), TRITON_OPS.merge(*merge_args))
