@@ -1,50 +1,174 @@
-"""Command line: ``sdtm demo`` (also ``python -m sdtm demo``)."""
+"""The ``sdtm`` command line (also ``python -m sdtm``): demo, generate, macs, bench.
+
+Bad arguments exit with code 2 and one line saying what is wrong.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
+
+from .cli_options import add_sdtm_options, config_from_args, positive_int
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (``sdtm <command>: <reason>``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
-def _even_size(text: str) -> int:
-    value = _positive(text)
+def _even(text: str) -> int:
+    value = positive_int(text)
     if value % 2:
-        raise argparse.ArgumentTypeError(f"must be even (2 pixels per token), got {value}")
+        raise argparse.ArgumentTypeError(f"must be even, got {value}")
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtm", description="Structure-then-Detail Token Merging for SD3 / SD3.5.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo", help="generate on a tiny built-in SD3 pipeline with and without SDTM and compare",
         description="Builds a tiny SD3 pipeline from config (random weights, no downloads), generates with and "
-                    "without SDTM, and prints latency, MACs and the tokens per phase.")
-    demo.add_argument("--size", type=_even_size, default=96, help="image side in pixels (default 96: 48x48 tokens)")
-    demo.add_argument("--steps", type=_positive, default=12, help="denoising steps (default 12)")
-    demo.add_argument("--repeats", type=_positive, default=3, help="timed runs of each variant (default 3)")
+                    "without SDTM, prints latency, MACs, speedup and tokens per phase, and writes a PNG (the "
+                    "two images side by side and the tokens per step).")
+    demo.add_argument("--size", type=_even, default=96, help="image side in pixels (default 96: 48x48 tokens)")
+    demo.add_argument("--steps", type=positive_int, default=12, help="denoising steps (default 12)")
+    demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
     demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
+    demo.add_argument("--out", default=".", help="folder for sdtm_demo.png (default: the current folder)")
+
+
+def _add_macs(commands) -> None:
+    macs = commands.add_parser(
+        "macs", help="theoretical MACs of a whole schedule, unmerged and with SDTM (meta device)",
+        description="Counts the multiply-accumulates of every transformer call of a generation on the meta "
+                    "device (no weights, no memory), without and with SDTM, with a per-phase breakdown.")
+    macs.add_argument("--config", required=True,
+                      help="sd3-medium, sd3.5-medium, sd3.5-large, a transformer config.json or a diffusers folder")
+    macs.add_argument("--height", type=positive_int, default=1024)
+    macs.add_argument("--width", type=positive_int, default=1024)
+    macs.add_argument("--steps", type=positive_int, default=50)
+    macs.add_argument("--batch", type=positive_int, default=2, help="batch per transformer call (2 with CFG)")
+    macs.add_argument("--text-tokens", type=positive_int, default=333, help="text tokens (default 77 + 256)")
+    macs.add_argument("--json", action="store_true", help="print one JSON object")
+    macs.add_argument("--plot", help="write tokens and MACs per step to this PNG")
+    add_sdtm_options(macs, with_disable=False)
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="time the backends on this machine (kernels or end to end)",
+        description="Times each available backend on this machine, rounds interleaved, and reports medians "
+                    "and ratios with the machine's description.")
+    bench.add_argument("what", choices=["kernels", "e2e"])
+    bench.add_argument("--rounds", type=positive_int, default=5)
+    bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
+                       help="e2e: backends to compare (default: torch and cpp)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--plot", help="write a bar chart of the speedups to this PNG")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for SD3 / SD3.5.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_demo(commands)
+    from . import generate
+
+    generate.add_parser(commands)
+    _add_macs(commands)
+    _add_bench(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+def _run_macs(args) -> int:
+    from .macs import format_report, load_config, plot_report, schedule_macs
 
-        try:
-            run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend)
-        except ValueError as error:
-            print(f"sdtm demo: {error}", file=sys.stderr)
-            return 2
+    config = load_config(args.config)
+    report = schedule_macs(config, args.height, args.width, args.steps, args.batch, config_from_args(args),
+                           text_tokens=args.text_tokens)
+    if args.plot:
+        plot_report(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(format_report(report, args.config))
     return 0
+
+
+def _run_bench(args) -> int:
+    from .bench import bench_e2e, bench_kernels, machine_info
+
+    info = machine_info()
+    if args.what == "kernels":
+        rows = bench_kernels([(64, 64), (32, 32), (48, 84)], rounds=args.rounds, progress=not args.json)
+        result = {"machine": info, "kernels": [asdict(r) for r in rows]}
+        labels = [f"{r.op}\n{r.shape.split('-')[0]} {r.backend}" for r in rows if r.backend != "torch"]
+        values = [r.speedup_vs_torch for r in rows if r.backend != "torch"]
+        text = [f"{'op':16}{'shape':22}{'backend':9}{'device':7}{'median ms':>11}{'vs torch':>10}"]
+        text += [f"{r.op:16}{r.shape:22}{r.backend:9}{r.device:7}{r.median_ms:>11.3f}{r.speedup_vs_torch:>9.2f}x"
+                 for r in rows]
+    else:
+        backends = args.backends or ["torch", "cpp"]
+        result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json)}
+        labels, values = backends, [result["speedup"][b] for b in backends]
+        text = [f"SD3-shaped transformer (C=768, 2 blocks), 64x64 tokens, batch 2, 10 steps; "
+                f"MAC ratio {result['mac_ratio']:.3f}",
+                f"  unmerged {result['seconds']['unmerged']:.2f} s"]
+        text += [f"  {b:8} {result['seconds'][b]:.2f} s  speedup {result['speedup'][b]:.3f}  "
+                 f"({result['realised_share'][b]:.1%} of the MAC ratio)" for b in backends]
+        text.append(f"ratio 0.5 every step on 64x64 vs unmerged 40x52 (2080 tokens each): "
+                    f"{result['overhead_seconds']['unmerged-40x52']:.2f} s unmerged")
+        text += [f"  {b:8} {result['overhead_seconds'][f'{b}-64x64']:.2f} s ({result['overhead_added'][b]:+.1%})"
+                 for b in backends]
+    if args.plot:
+        _bar_plot(labels, values, args.plot, f"sdtm bench {args.what}: speedup over torch/unmerged")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"machine: {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}, "
+              f"GPU {info['cuda'] or 'none'}")
+        print("\n".join(text))
+    return 0
+
+
+def _bar_plot(labels, values, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylabel("speedup")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out)
+            return 0
+        if args.command == "generate":
+            from . import generate
+
+            return generate.run(args)
+        if args.command == "macs":
+            return _run_macs(args)
+        return _run_bench(args)
+    except ValueError as error:
+        print(f"sdtm {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import defaultdict
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from .config import SDTMConfig
+from .macs import schedule_macs
 from .patch import apply_SDTM, remove_SDTM, sdtm_state
 from .tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
 
@@ -19,14 +21,14 @@ DEMO_SPEC = TinySpec(num_layers=4, heads=4, head_dim=64, joint_attention_dim=64,
                      sample_size=96, text_tokens=16)
 
 
-def _generate(pipe, spec: TinySpec, size: int, steps: int, seed: int):
+def _generate(pipe, spec: TinySpec, size: int, steps: int, seed: int, output_type: str = "latent"):
     return pipe(
         **tiny_prompt_embeds(spec, batch=1),
         height=size,
         width=size,
         num_inference_steps=steps,
         guidance_scale=4.0,
-        output_type="latent",
+        output_type=output_type,
         generator=torch.Generator().manual_seed(seed),
     ).images
 
@@ -41,18 +43,23 @@ def _timed(pipe, spec, size, steps, repeats) -> tuple[list[float], torch.Tensor]
     return times, out
 
 
-def _macs(pipe, spec, size, steps) -> int:
-    with FlopCounterMode(display=False) as counter:
-        _generate(pipe, spec, size, steps, seed=0)
-    return counter.get_total_flops() // 2
+def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int):
+    """Theoretical MACs on the meta device (FlopCounterMode does not see CPU flash attention in a real run)."""
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    return schedule_macs(config, size, size, steps, batch=2, sdtm=SDTMConfig(**settings), text_tokens=text_tokens,
+                         vae_scale=pipe.vae_scale_factor)
 
 
-def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto", print_fn=print) -> dict:
-    """Generate on the tiny pipeline without and with SDTM; print latency, MACs and tokens per phase.
+def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto", out: str | None = ".",
+             print_fn=print) -> dict:
+    """Generate on the tiny pipeline without and with SDTM; print latency, MACs and tokens per phase, and
+    (``out`` not None) write ``out/sdtm_demo.png``: both images side by side and the tokens per step.
 
     ``size`` is the image side in pixels (the demo's VAE does not down-sample, so the latent grid is
     size/2 x size/2 tokens). Returns the numbers it printed.
     """
+    if out is not None and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is not a folder.")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
@@ -73,11 +80,13 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
         sdtm_times += _timed(pipe, spec, size, steps, 1)[0]
     remove_SDTM(pipe)
     baseline_out = _generate(pipe, spec, size, steps, seed=0)
-    baseline_macs = _macs(pipe, spec, size, steps)
+    baseline_image = _generate(pipe, spec, size, steps, seed=0, output_type="pil")[0]
     apply_SDTM(pipe, **settings)
     sdtm_out = _generate(pipe, spec, size, steps, seed=0)
+    sdtm_image = _generate(pipe, spec, size, steps, seed=0, output_type="pil")[0]
     records = list(sdtm_state(pipe).records)
-    sdtm_macs = _macs(pipe, spec, size, steps)
+    report = _mac_report(pipe, size, steps, settings, spec.text_tokens)
+    baseline_macs, sdtm_macs = report.baseline_macs, report.sdtm_macs
     remove_SDTM(pipe)
 
     base_s, sdtm_s = statistics.median(baseline_times), statistics.median(sdtm_times)
@@ -102,5 +111,39 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
             attn = statistics.mean(r.attn_tokens for r in rs)
             mlp = statistics.mean(r.mlp_tokens for r in rs)
             print_fn(f"{phase:12}{len(rs):>12}{attn:>18.0f}{mlp:>12.0f}")
-    return {"baseline_s": base_s, "sdtm_s": sdtm_s, "speedup": speedup, "mac_ratio": mac_ratio,
+    png = None
+    if out is not None:
+        png = os.path.join(out, "sdtm_demo.png")
+        _plot(baseline_image, sdtm_image, records, steps, speedup, mac_ratio, png)
+        print_fn(f"\nwrote {png}")
+    return {"png": png, "baseline_s": base_s, "sdtm_s": sdtm_s, "speedup": speedup, "mac_ratio": mac_ratio,
             "baseline_macs": baseline_macs, "sdtm_macs": sdtm_macs, "relative_change": difference}
+
+
+def _plot(baseline_image, sdtm_image, records, steps: int, speedup: float, mac_ratio: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_step = defaultdict(list)
+    for record in records:
+        per_step[record.step].append(record)
+    xs = sorted(per_step)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    axes[0].imshow(baseline_image)
+    axes[0].set_title("unmerged")
+    axes[1].imshow(sdtm_image)
+    axes[1].set_title(f"SDTM ({speedup:.2f}x, MAC ratio {mac_ratio:.2f})")
+    for ax in axes[:2]:
+        ax.axis("off")
+    axes[2].plot(xs, [statistics.mean(r.attn_tokens for r in per_step[s]) for s in xs], label="attention")
+    axes[2].plot(xs, [statistics.mean(r.mlp_tokens for r in per_step[s]) for s in xs], "--", label="feed-forward")
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("image tokens per block (mean)")
+    axes[2].set_xlim(0, steps - 1)
+    axes[2].legend()
+    fig.suptitle("tiny SD3 pipeline with random weights: the images show noise-like structure, not content")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""Command-line options shared by the subcommands: every apply_SDTM setting, and parsing helpers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .config import BACKENDS, SDTMConfig
+
+_HELP = {
+    "ratio": "mean share of image tokens removed, in [0, 1]",
+    "deviation": "cosine schedule from ratio+deviation (step 0) to ratio-deviation (last step)",
+    "switch_step": "last structure-phase step (SSM); later steps are the detail phase (IDM)",
+    "use_rand": "random destination token per window",
+    "sx": "window width in tokens",
+    "sy": "window height in tokens",
+    "a_s": "merge-age weight in the SSM window score",
+    "a_d": "merge-age weight in the IDM source score",
+    "a_p": "accepted for compatibility, unused",
+    "pseudo_merge": "a group takes its destination's value instead of the mean",
+    "mcw": "weight of the fresh output when blending with the cache, in [0, 1]",
+    "protect_steps_frequency": "steps s with s %% f == 0 run unmerged (<= 0: off)",
+    "protect_layers_frequency": "layers l with l %% f == 0 and the last never merge (<= 0: off)",
+    "merge_attn": "allow merging before attention",
+    "merge_mlp": "allow merging before the feed-forward",
+    "cache_each_step": "refresh the output caches at every merging step",
+}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True) -> None:
+    """Add one option per SDTMConfig field (--ratio, --use-rand/--no-use-rand, ...), --backend, and
+    (``with_disable``) --no-sdtm."""
+    group = parser.add_argument_group("SDTM settings (defaults as apply_SDTM)")
+    defaults = SDTMConfig()
+    for field in dataclasses.fields(SDTMConfig):
+        name, default = field.name, getattr(defaults, field.name)
+        flag = "--" + name.replace("_", "-")
+        if name == "backend":
+            group.add_argument(flag, choices=BACKENDS, default=default,
+                               help="ops backend (default auto: cpp on CPU, triton on CUDA)")
+        elif isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{_HELP[name]} (default {default})")
+        elif name.startswith("protect_") or isinstance(default, int):
+            group.add_argument(flag, type=int, default=default, help=f"{_HELP[name]} (default {default})")
+        else:
+            group.add_argument(flag, type=float, default=default, help=f"{_HELP[name]} (default {default})")
+    if with_disable:
+        group.add_argument("--no-sdtm", action="store_true", help="run the unpatched model")
+
+
+def config_from_args(args: argparse.Namespace) -> SDTMConfig | None:
+    """The SDTMConfig the options describe (None with --no-sdtm); raises ValueError on bad values."""
+    if getattr(args, "no_sdtm", False):
+        return None
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SDTMConfig)}
+    return SDTMConfig(**values)

@@ -1,0 +1,154 @@
+"""The sdtm command line: macs against hand-computed MACs, demo, bench, and bad arguments."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from sdtm import SDTMConfig, apply_SDTM
+from sdtm.__main__ import main
+from sdtm.macs import PRESETS, schedule_macs
+from sdtm.tiny import TinySpec, tiny_prompt_embeds, tiny_transformer
+
+TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=8, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+            pos_embed_max_size=16)
+
+
+def hand_block_macs(b, n, t, c, last):
+    """One JointTransformerBlock on n image and t text tokens (SD3, no dual attention)."""
+    norm1 = b * c * 6 * c
+    norm1_context = b * c * (2 * c if last else 6 * c)
+    qkv = 3 * b * n * c * c + 3 * b * t * c * c
+    sdpa = 2 * b * (n + t) ** 2 * c
+    out = b * n * c * c + (0 if last else b * t * c * c)
+    ff = 8 * b * n * c * c
+    ff_context = 0 if last else 8 * b * t * c * c
+    return norm1 + norm1_context + qkv + sdpa + out + ff_context, ff
+
+
+def hand_outside_macs(b, n, t, c, cfg):
+    p, cin, cout = cfg["patch_size"], cfg["in_channels"], cfg["out_channels"]
+    patch_embed = b * n * cin * p * p * c
+    time_embed = b * (256 * c + c * c)
+    pooled_embed = b * (cfg["pooled_projection_dim"] * c + c * c)
+    context_embed = b * t * cfg["joint_attention_dim"] * c
+    norm_out = b * c * 2 * c
+    proj_out = b * n * c * p * p * cout
+    return patch_embed + time_embed + pooled_embed + context_embed + norm_out + proj_out
+
+
+def test_macs_match_hand_computation(capsys, tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **TINY}))
+    # 128 x 192 pixels -> 16 x 24 latent -> 8 x 12 = 96 tokens; 4 steps; switch at 1; step 0 protected.
+    argv = ["macs", "--config", str(config_path), "--height", "128", "--width", "192", "--steps", "4",
+            "--batch", "2", "--text-tokens", "7", "--switch-step", "1", "--protect-steps-frequency", "4", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    b, n, t, c = 2, 96, 7, 16
+    outside = hand_outside_macs(b, n, t, c, TINY)
+
+    def block(layer, attn_tokens, mlp_tokens):
+        last = layer == 1
+        return hand_block_macs(b, attn_tokens, t, c, last)[0] + hand_block_macs(b, mlp_tokens, t, c, last)[1]
+
+    full = outside + block(0, n, n) + block(1, n, n)
+    assert result["baseline_macs"] == 4 * full
+    # ratio_s = 0.1 + 0.4 cos(pi/2 s/3): reduce_num 96*0.5=48 (s0, protected), int(96*0.4464)=42, int(96*0.3)=28,
+    # int(96*0.1)=9. 24 windows of 4 tokens. SSM step 1: 42 // 3 // 16 * 16 = 0 windows -> empty plan.
+    # IDM steps 2, 3: r = 28 // 16 * 16 = 16 and 9 // 16 * 16 = 0; the plan matmul is 72 x 24 x C a sample.
+    plan = b * 72 * 24 * c
+    sdtm = full + full + (2 * plan + outside + block(0, n, n - 16) + block(1, n, n - 16)) + (
+        2 * plan + outside + block(0, n, n) + block(1, n, n))
+    assert result["sdtm_macs"] == sdtm
+    assert result["plan_macs"] == 4 * plan
+    assert result["mac_ratio"] == pytest.approx(4 * full / sdtm)
+    assert [s["mlp_tokens"] for s in result["per_step"]] == [96, 96, 80, 96]
+
+
+def test_macs_schedule_matches_a_real_run():
+    """The token counts schedule_macs assumes per step are the ones a real patched generation uses."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdtm import sdtm_state
+
+    spec = TinySpec(num_layers=3, sample_size=32)
+    transformer = tiny_transformer(spec)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    embeds = tiny_prompt_embeds(spec, batch=2)
+    settings = dict(ratio=0.5, switch_step=2, protect_steps_frequency=3, backend="torch")
+    apply_SDTM(transformer, scheduler=scheduler, **settings)
+    scheduler.set_timesteps(7)
+    records = []
+    for t in scheduler.timesteps:
+        transformer(hidden_states=torch.randn(2, 4, 32, 32), timestep=t.expand(2),
+                    encoder_hidden_states=embeds["prompt_embeds"], pooled_projections=embeds["pooled_prompt_embeds"])
+        records += sdtm_state(transformer).records[-3:]
+    cfg = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    report = schedule_macs(cfg, 32 * 8, 32 * 8, 7, batch=2, sdtm=SDTMConfig(**settings), text_tokens=spec.text_tokens)
+    for step in report.per_step:
+        calls = [r for r in records if r.step == step.step]
+        assert step.attn_tokens == sum(r.attn_tokens for r in calls) / 3
+        assert step.mlp_tokens == sum(r.mlp_tokens for r in calls) / 3
+    assert report.sdtm_macs < report.baseline_macs
+
+
+def test_macs_presets_and_plot(capsys, tmp_path):
+    assert PRESETS["sd3-medium"]["num_layers"] == 24 and PRESETS["sd3-medium"]["caption_projection_dim"] == 1536
+    plot = tmp_path / "macs.png"
+    assert main(["macs", "--config", "sd3-medium", "--steps", "50", "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "MAC ratio 1.21" in text and "8.904 a step" in text  # SD3-medium, 1024x1024, batch 2
+    assert plot.stat().st_size > 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["macs", "--config", "nope"], "neither a preset"),
+        (["macs", "--config", "sd3-medium", "--height", "1000"], "multiples of 16"),
+        (["macs", "--config", "sd3-medium", "--ratio", "2"], "ratio must lie in"),
+        (["macs", "--config", "sd3-medium", "--steps", "0"], "must be >= 1"),
+        (["demo", "--size", "31"], "must be even"),
+        (["bench", "everything"], "invalid choice"),
+        (["demo", "--out", "/nonexistent/folder"], "is not a folder"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("demo", "generate", "macs", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: sdtm " + command in capsys.readouterr().out
+
+
+def test_demo_runs_and_writes_its_png(capsys, tmp_path):
+    assert main(["demo", "--size", "32", "--steps", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "MAC ratio" in out and "protected" in out
+    png = tmp_path / "sdtm_demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_kernels_json(capsys, monkeypatch):
+    from sdtm import bench
+
+    original = bench.bench_kernels
+    monkeypatch.setattr(bench, "bench_kernels", lambda grids, rounds, progress: original(
+        [(8, 8)], channels=16, rounds=1, progress=False))
+    assert main(["bench", "kernels", "--json", "--rounds", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["machine"]["cpu_count"] == os.cpu_count()
+    ops = {(row["op"], row["backend"]) for row in result["kernels"]}
+    assert ("merge", "torch") in ops and all(row["median_ms"] > 0 for row in result["kernels"])
