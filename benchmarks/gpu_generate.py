@@ -6,7 +6,8 @@
 With --model the whole pipeline runs (text encoders included) from a local diffusers folder, offline.
 With --random only the transformer runs, in a plain denoising loop with random prompt embeddings (333
 text tokens), which is where SDTM acts. Each variant is timed with CUDA events after a warm-up, rounds
-interleaved, medians reported, next to the theoretical MAC ratio counted by torch's FlopCounterMode.
+interleaved, medians reported, next to the theoretical MAC ratio of the transformer calls (sdtm.macs:
+torch's FlopCounterMode on the meta device).
 """
 
 from __future__ import annotations
@@ -17,44 +18,22 @@ import os
 import statistics
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from sdtm import SDTMConfig, apply_sdtm, remove_sdtm
+from sdtm.bench import Denoiser
+from sdtm.macs import PRESETS, schedule_macs
 
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-
-
-class RandomTransformerRun:
-    """The SD3-medium transformer with random weights over a flow-matching schedule."""
+class RandomTransformerRun(Denoiser):
+    """The SD3-medium transformer with random weights over a flow-matching schedule (batch 2)."""
 
     def __init__(self, height: int, width: int, steps: int, batch: int, dtype: torch.dtype):
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import SD3Transformer2DModel
 
         torch.manual_seed(0)
-        self.module = SD3Transformer2DModel(**SD3_MEDIUM).to("cuda", dtype).eval()
-        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        self.steps = steps
-        self.latents = torch.randn(batch, 16, height // 8, width // 8, device="cuda", dtype=dtype)
-        self.context = torch.randn(batch, 333, 4096, device="cuda", dtype=dtype)
-        self.pooled = torch.randn(batch, 2048, device="cuda", dtype=dtype)
-
-    def patch(self, config):
-        remove_sdtm(self.module)
-        if config is not None:
-            apply_sdtm(self.module, config, scheduler=self.scheduler)
-
-    @torch.no_grad()
-    def __call__(self):
-        self.scheduler.set_timesteps(self.steps, device="cuda")
-        x = self.latents
-        for t in self.scheduler.timesteps:
-            out = self.module(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=self.context,
-                              pooled_projections=self.pooled, return_dict=False)[0]
-            x = self.scheduler.step(out, t, x, return_dict=False)[0]
-        return x
+        transformer = SD3Transformer2DModel(**PRESETS["sd3-medium"]).to("cuda", dtype).eval()
+        super().__init__(transformer, height // 8, width // 8, steps, batch)
+        self.module = transformer
 
 
 class PipelineRun:
@@ -89,10 +68,11 @@ def cuda_seconds(fn) -> float:
     return start.elapsed_time(end) / 1000.0
 
 
-def macs(run) -> int:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops() // 2
+def mac_report(run, height: int, width: int, steps: int):
+    """Theoretical MACs of the transformer's calls over the schedule (sdtm.macs, meta device)."""
+    transformer = run.module.transformer if hasattr(run.module, "transformer") else run.module
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    return schedule_macs(config, height, width, steps, batch=2, sdtm=SDTMConfig())
 
 
 def main() -> None:
@@ -118,10 +98,8 @@ def main() -> None:
 
     variants = {"unmerged": None}
     variants.update({b: SDTMConfig(backend=b) for b in args.backends})
-    run.patch(None)
-    baseline_macs = macs(run)
-    run.patch(SDTMConfig(backend="torch"))
-    sdtm_macs = macs(run)
+    report = mac_report(run, args.height, args.width, args.steps)
+    baseline_macs, sdtm_macs = report.baseline_macs, report.sdtm_macs
     times = {name: [] for name in variants}
     for config in variants.values():  # warm-up: Triton compiles and autotunes here
         run.patch(config)

@@ -85,3 +85,15 @@ def _unpatch_session_pipes(request):
     for name in ("sd3_pipe", "sd35_pipe"):
         if name in request.fixturenames:
             remove_SDTM(request.getfixturevalue(name))
+
+
+def op_inputs(shape, dtype, device="cpu", seed=0):
+    """Tokens, merge-age priority and grid for op tests. shape = (B, grid_h, grid_w, C, sy, sx)."""
+    from sdtm.plans import Grid
+
+    b, h, w, c, sy, sx = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h * w, c, generator=g).to(dtype)
+    age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
+    prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
+    return Grid(h, w, sy, sx), x.to(device), prio.to(device), g

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close, requires_cpp
+from conftest import assert_close, op_inputs, requires_cpp
 from sdtm import reference as R
 from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
@@ -27,12 +27,7 @@ def cpp():
 
 
 def _inputs(shape, dtype, seed=0):
-    b, h, w, c, sy, sx = shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, h * w, c, generator=g).to(dtype)
-    age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
-    prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
-    return Grid(h, w, sy, sx), x, prio, g
+    return op_inputs(shape, dtype, "cpu", seed)
 
 
 def _plans(grid, x, prio, g, reduce_num, pseudo):

@@ -4,7 +4,7 @@ pipelines with backend="triton", and GPU-only checks that skip without CUDA."""
 import pytest
 import torch
 
-from conftest import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, relative_difference
+from conftest import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, op_inputs, relative_difference
 from conftest import requires_cuda, requires_triton
 from sdtm import apply_SDTM
 from sdtm import reference as R
@@ -29,12 +29,7 @@ def triton_ops():
 
 
 def _inputs(shape, dtype, seed=0):
-    b, h, w, c, sy, sx = shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, h * w, c, generator=g).to(dtype)
-    age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
-    prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
-    return Grid(h, w, sy, sx), x.to(TRITON_DEVICE), prio.to(TRITON_DEVICE), g
+    return op_inputs(shape, dtype, TRITON_DEVICE, seed)
 
 
 def _plans(grid, x, prio, g, reduce_num, pseudo):
