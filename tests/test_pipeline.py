@@ -72,6 +72,9 @@ def test_steps_from_keyword_default_and_custom_sigmas(sd3_pipe):
     kwargs = tiny_prompt_embeds(SD3_SPEC)
     sd3_pipe(**kwargs, height=32, width=32, output_type="latent")  # num_inference_steps left default (28)
     assert _steps_seen(sd3_pipe) == list(range(28))
+    embeds = {k: kwargs[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    sd3_pipe(None, None, None, 32, 32, 6, **embeds, guidance_scale=1.0, output_type="latent")  # positional steps
+    assert _steps_seen(sd3_pipe) == list(range(6))
     sigmas = [1.0, 0.8, 0.5, 0.3, 0.1]
     sd3_pipe(**kwargs, height=32, width=32, output_type="latent", sigmas=sigmas)
     assert _steps_seen(sd3_pipe) == list(range(5)) and sdtm_state(sd3_pipe).num_steps == 5
@@ -231,3 +234,28 @@ def test_block_called_outside_the_transformer_is_an_error(sd3_pipe):
     x = torch.randn(1, 16, SD3_SPEC.channels)
     with pytest.raises(RuntimeError, match="outside its transformer"):
         block(hidden_states=x, encoder_hidden_states=torch.randn(1, 7, SD3_SPEC.channels), temb=torch.randn(1, 32))
+
+
+def test_step_found_from_a_view_or_from_the_value(sd3_pipe):
+    """A timestep that is a view into the scheduler's timesteps is located by address (no sync); a copied or
+    cast one by value; one that is not in the schedule is an error."""
+    from sdtm.state import SDTMState
+
+    scheduler = sd3_pipe.scheduler
+    scheduler.set_timesteps(10)
+    state = SDTMState(SDTMConfig(), num_layers=1, timesteps_source=lambda: scheduler.timesteps)
+    t = scheduler.timesteps
+    state.begin_call(t[3].expand(2), 32, 32, 2)
+    assert state.step == 3 and state._locate_view(t[3].expand(2)) == 3
+    assert state._locate_view(t[4].clone()) is None
+    state.begin_call(t[4].clone().half(), 32, 32, 2)
+    assert state.step == 4 and state.call_in_step == 0
+    state.begin_call(t[4].clone(), 32, 32, 2)
+    assert state.step == 4 and state.call_in_step == 1
+    generation = state.generation
+    state.begin_call(t[0].expand(2), 32, 32, 2)  # back to step 0: a new generation
+    assert state.step == 0 and state.generation == generation + 1
+    with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
+        state.begin_call(torch.tensor([1234.5]), 32, 32, 2)
+    with pytest.raises(ValueError, match="one timestep per call"):
+        state.begin_call(torch.stack([t[1], t[2]]), 32, 32, 2)
