@@ -113,14 +113,15 @@ def _run_bench(args) -> int:
         backends = args.backends or ["torch", "cpp"]
         result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json)}
         labels, values = backends, [result["speedup"][b] for b in backends]
-        text = [f"SD3-shaped transformer (C=768, 2 blocks), 64x64 tokens, batch 2, 10 steps; "
+        (gh, gw), (sh, sw) = result["grids"]["sdtm"], result["grids"]["unmerged_equal_tokens"]
+        text = [f"SD3-shaped transformer (C=768, 2 blocks), {gh}x{gw} tokens, batch 2, 10 steps; "
                 f"MAC ratio {result['mac_ratio']:.3f}",
                 f"  unmerged {result['seconds']['unmerged']:.2f} s"]
         text += [f"  {b:8} {result['seconds'][b]:.2f} s  speedup {result['speedup'][b]:.3f}  "
                  f"({result['realised_share'][b]:.1%} of the MAC ratio)" for b in backends]
-        text.append(f"ratio 0.5 every step on 64x64 vs unmerged 40x52 (2080 tokens each): "
-                    f"{result['overhead_seconds']['unmerged-40x52']:.2f} s unmerged")
-        text += [f"  {b:8} {result['overhead_seconds'][f'{b}-64x64']:.2f} s ({result['overhead_added'][b]:+.1%})"
+        text.append(f"ratio 0.5 every step on {gh}x{gw} vs unmerged {sh}x{sw} (equal token counts): "
+                    f"{result['overhead_seconds']['unmerged']:.2f} s unmerged")
+        text += [f"  {b:8} {result['overhead_seconds'][b]:.2f} s ({result['overhead_added'][b]:+.1%})"
                  for b in backends]
     if args.plot:
         _bar_plot(labels, values, args.plot, f"sdtm bench {args.what}: speedup over torch/unmerged")

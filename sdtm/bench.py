@@ -173,13 +173,16 @@ class Denoiser:
         return self
 
 
-def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: bool = True) -> dict:
-    """SD3-shaped transformer (C=768, 2 blocks) on a 64 x 64 grid, batch 2: unmerged vs SDTM defaults per
-    backend (with the MAC ratio), and SDTM at ratio 0.5 in every step vs the unpatched model on a
-    40 x 52 grid (the same 2080 tokens)."""
-    transformer = sd3_shaped_transformer()
+def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: bool = True,
+              latent: tuple[int, int] = (128, 128), small_latent: tuple[int, int] = (80, 104),
+              num_layers: int = 2, heads: int = 12) -> dict:
+    """SD3-shaped transformer (C = heads * 64, ``num_layers`` blocks), batch 2: unmerged vs SDTM defaults
+    per backend on ``latent`` (with the MAC ratio), and SDTM at ratio 0.5 in every step vs the unpatched
+    model on ``small_latent``. The defaults (64 x 64 tokens -> 2080; 40 x 52 = 2080 tokens) compare
+    equal token counts."""
+    transformer = sd3_shaped_transformer(num_layers=num_layers, heads=heads, sample_size=max(*latent, *small_latent))
 
-    def patched(config, h=128, w=128):
+    def patched(config, h=latent[0], w=latent[1]):
         run = Denoiser(transformer, h, w, steps)
 
         def call():
@@ -190,12 +193,12 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
 
     # Theoretical MACs on the meta device: FlopCounterMode misses CPU flash attention in a real run.
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    mac_ratio = schedule_macs(config, 1024, 1024, steps, batch=2, sdtm=SDTMConfig()).mac_ratio
+    mac_ratio = schedule_macs(config, latent[0] * 8, latent[1] * 8, steps, batch=2, sdtm=SDTMConfig()).mac_ratio
     defaults = {"unmerged": patched(None)}
     defaults.update({b: patched(SDTMConfig(backend=b)) for b in backends})
     seconds = interleaved_medians(defaults, rounds, torch.device("cpu"), progress)
-    overhead_runs = {"unmerged-40x52": patched(None, 80, 104)}
-    overhead_runs.update({f"{b}-64x64": patched(SDTMConfig(backend=b, **ALL_STRUCTURE)) for b in backends})
+    overhead_runs = {"unmerged": patched(None, *small_latent)}
+    overhead_runs.update({b: patched(SDTMConfig(backend=b, **ALL_STRUCTURE)) for b in backends})
     overhead = interleaved_medians(overhead_runs, rounds, torch.device("cpu"), progress)
     remove_sdtm(transformer)
     return {
@@ -203,6 +206,8 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
         "seconds": seconds,
         "speedup": {b: seconds["unmerged"] / seconds[b] for b in backends},
         "realised_share": {b: seconds["unmerged"] / seconds[b] / mac_ratio for b in backends},
+        "grids": {"sdtm": [latent[0] // 2, latent[1] // 2], "unmerged_equal_tokens": [small_latent[0] // 2,
+                                                                                   small_latent[1] // 2]},
         "overhead_seconds": overhead,
-        "overhead_added": {b: overhead[f"{b}-64x64"] / overhead["unmerged-40x52"] - 1 for b in backends},
+        "overhead_added": {b: overhead[b] / overhead["unmerged"] - 1 for b in backends},
     }

@@ -152,3 +152,19 @@ def test_bench_kernels_json(capsys, monkeypatch):
     assert result["machine"]["cpu_count"] == os.cpu_count()
     ops = {(row["op"], row["backend"]) for row in result["kernels"]}
     assert ("merge", "torch") in ops and all(row["median_ms"] > 0 for row in result["kernels"])
+
+
+def test_bench_e2e_small(monkeypatch, capsys):
+    """The end-to-end comparison on a small grid: both comparisons run and report consistent numbers."""
+    from sdtm import bench
+
+    original = bench.bench_e2e
+    monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress: original(
+        backends, rounds=1, steps=3, progress=False, latent=(32, 32), small_latent=(20, 32), num_layers=1,
+        heads=2))
+    assert main(["bench", "e2e", "--json", "--backends", "torch"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mac_ratio"] > 1.0
+    assert set(result["seconds"]) == set(result["overhead_seconds"]) == {"unmerged", "torch"}
+    assert result["grids"] == {"sdtm": [16, 16], "unmerged_equal_tokens": [10, 16]}
+    assert result["speedup"]["torch"] == pytest.approx(result["seconds"]["unmerged"] / result["seconds"]["torch"])
