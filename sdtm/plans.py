@@ -154,20 +154,49 @@ def ssm_plan(
     window_of, position_of, _ = _window_layout(grid, device)
     n_win = windows_to_merge(reduce_num, grid.window_size, num_windows)
 
-    order = torch.sort(window_scores, dim=1, descending=True, stable=True).indices
-    selected = torch.zeros(batch, num_windows, dtype=torch.bool, device=device)
-    selected.scatter_(1, order[:, :n_win], True)
+    k = grid.window_size
+    num_unmerged = grid.num_tokens - n_win * k
 
-    # Border tokens point at an extra, never-selected window W, so every gather below stays in range.
-    token_window = torch.where(window_of >= 0, window_of, num_windows).expand(batch, -1)  # [B, N]
-    pad = torch.zeros(batch, 1, dtype=torch.int64, device=device)
-    selected = torch.cat([selected, pad.bool()], dim=1)
-    merged = selected.gather(1, token_window)
-    group_rank = selected.long().cumsum(dim=1) - 1  # groups ordered by window index
-    group_of = group_rank.gather(1, token_window)
-    is_dst = merged & (position_of == torch.cat([dst_position, pad], dim=1).gather(1, token_window))
-    num_unmerged = grid.num_tokens - n_win * grid.window_size
-    return _assemble(num_unmerged, ~merged, group_of, n_win, is_dst, pseudo_merge)
+    # Selected windows; column W stands for "no complete window" (border tokens) and is never selected.
+    order = torch.sort(window_scores, dim=1, descending=True, stable=True).indices
+    selected = torch.zeros(batch, num_windows + 1, dtype=torch.int64, device=device)
+    selected.scatter_(1, order[:, :n_win], 1)
+    token_window = _border_as_last_window(window_of, num_windows).expand(batch, -1)  # [B, N]
+    merged = selected.gather(1, token_window).bool()
+    unmerged = ~merged
+    # Rows: unmerged tokens first in token order, then one group per selected window in window order.
+    group = (selected.cumsum(dim=1) - 1).gather(1, token_window)
+    unmerged_row = unmerged.cumsum(dim=1) - 1
+    slot = torch.where(merged, group + num_unmerged, unmerged_row)
+
+    # Members without sorting: a group's K tokens sit at U + K * group, destination first, then the
+    # sources in position order (which is token order inside a window).
+    dst = torch.cat([dst_position, dst_position.new_zeros(batch, 1)], dim=1).gather(1, token_window)
+    is_dst = merged & (position_of == dst)
+    place = torch.where(is_dst, 0, position_of + (position_of < dst).long())
+    member_index = torch.where(merged, num_unmerged + k * group + place, unmerged_row)
+    members = torch.empty_like(slot).scatter_(1, member_index, _token_ids(grid.num_tokens, device).expand(batch, -1))
+    offsets = _ssm_offsets(num_unmerged, n_win, k, device).expand(batch, -1)
+    independent = unmerged | is_dst if pseudo_merge else unmerged
+    return MergePlan(slot=slot, blend=merged, members=members, offsets=offsets, independent=independent)
+
+
+@functools.lru_cache(maxsize=64)
+def _border_as_last_window(window_of: torch.Tensor, num_windows: int) -> torch.Tensor:
+    return torch.where(window_of >= 0, window_of, num_windows)
+
+
+@functools.lru_cache(maxsize=16)
+def _token_ids(num_tokens: int, device) -> torch.Tensor:
+    return torch.arange(num_tokens, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _ssm_offsets(num_unmerged: int, num_groups: int, window_size: int, device) -> torch.Tensor:
+    """[1, M + 1] row pointers of an SSM plan: one token per unmerged row, K per group."""
+    unmerged = torch.arange(num_unmerged, device=device)
+    groups = num_unmerged + window_size * torch.arange(num_groups + 1, device=device)
+    return torch.cat([unmerged, groups]).unsqueeze(0)
 
 
 def idm_destinations(
