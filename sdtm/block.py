@@ -25,7 +25,6 @@ from .plans import (
     idm_plan,
     merge_age_priority,
     random_or_first_positions,
-    ssm_plan,
     update_merge_age,
 )
 from .schedule import BlockAction, BlockMode, Phase, block_action
@@ -61,7 +60,7 @@ def compute_plan(state: SDTMState, action: BlockAction, metric: torch.Tensor, op
     if action.phase is Phase.STRUCTURE:
         scores = ops.window_scores(metric, priority, grid.height, grid.width, grid.sy, grid.sx, config.a_s)
         dst_position = random_or_first_positions(batch, num_windows, k, use_rand, generator, metric.device)
-        plan = ssm_plan(scores, grid, action.reduce_num, dst_position, config.pseudo_merge)
+        plan = ops.ssm_plan(scores, grid, action.reduce_num, dst_position, config.pseudo_merge)
     else:
         fallback = None
         if age is None:

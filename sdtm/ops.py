@@ -16,20 +16,22 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import plans, reference
 
 OP_NAMES = ("window_scores", "bipartite_match", "merge", "unmerge")
 
 
 @dataclass(frozen=True)
 class OpSet:
-    """The four ops of one backend, all with the signatures of ``sdtm.reference``."""
+    """The four ops of one backend, all with the signatures of ``sdtm.reference``, and the builder of
+    structure-phase plans (signature of ``sdtm.plans.ssm_plan``)."""
 
     name: str
     window_scores: Callable
     bipartite_match: Callable
     merge: Callable
     unmerge: Callable
+    ssm_plan: Callable = plans.ssm_plan
 
 
 TORCH_OPS = OpSet("torch", *(getattr(reference, op) for op in OP_NAMES))

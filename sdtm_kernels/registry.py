@@ -11,12 +11,13 @@ from sdtm.ops import OpSet
 
 from .bipartite_match import bipartite_match
 from .merge import merge
+from .ssm_plan import ssm_plan
 from .unmerge import unmerge
 from .window_scores import window_scores
 
 # Plain launchers: the same kernels as torch.ops.sdtm_triton.*, minus the custom-op dispatch per call.
 TRITON_OPS = OpSet("triton", window_scores=window_scores, bipartite_match=bipartite_match, merge=merge,
-                   unmerge=unmerge)
+                   unmerge=unmerge, ssm_plan=ssm_plan)
 
 
 def _register_cuda_kernels() -> None:

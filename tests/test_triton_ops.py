@@ -182,3 +182,21 @@ def test_triton_custom_ops_match_the_launchers():
     plan = next(_plans(grid, x, prio, g, 12, False))
     merge_args = (x, plan.slot, plan.members, plan.offsets, False)
     assert torch.equal(torch.ops.sdtm_triton.merge(*merge_args), TRITON_OPS.merge(*merge_args))
+
+
+@pytest.mark.parametrize(
+    "shape, reduce_num, pseudo",
+    [((2, 8, 16, 4, 2, 2), 60, False), ((3, 13, 15, 4, 2, 2), 100, True), ((2, 16, 16, 4, 2, 3), 200, False),
+     ((1, 9, 9, 4, 3, 3), 0, True), ((2, 1, 1, 4, 2, 2), 5, False), ((2, 64, 64, 4, 2, 2), 2048, False)],
+    ids=["8x16", "13x15-pseudo", "16x16-win2x3", "9x9-empty", "1x1-no-window", "64x64"],
+)
+def test_triton_ssm_plan_equals_torch_plan(triton_ops, shape, reduce_num, pseudo):
+    from sdtm.plans import ssm_plan
+
+    grid, x, _, g = _inputs(shape, torch.float32)
+    scores = R.window_scores(x, None, grid.height, grid.width, grid.sy, grid.sx, 0.0)
+    position = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
+    expected = ssm_plan(scores, grid, reduce_num, position, pseudo)
+    actual = triton_ops.ssm_plan(scores, grid, reduce_num, position, pseudo)
+    for name in ("slot", "blend", "members", "offsets", "independent"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
