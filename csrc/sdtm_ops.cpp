@@ -17,4 +17,13 @@ TORCH_LIBRARY(sdtm, m) {
   m.def(
       "unmerge(Tensor y, Tensor slot, Tensor blend, Tensor? cache, Tensor? gate, Tensor? residual, float mcw, "
       "bool store_cache) -> (Tensor, Tensor)");
+  // unmerge writing into out (which may be residual itself) and cache_out (which may be cache itself).
+  m.def(
+      "unmerge_into(Tensor y, Tensor slot, Tensor blend, Tensor? cache, Tensor? gate, Tensor? residual, "
+      "float mcw, Tensor(a!) out, Tensor(b!)? cache_out) -> ()");
+  // LayerNorm (no affine weights) then x * (1 + scale) + shift; alone, or fused with merge.
+  m.def("norm_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor");
+  m.def(
+      "norm_modulate_merge(Tensor x, Tensor shift, Tensor scale, float eps, Tensor slot, Tensor members, "
+      "Tensor offsets, bool pseudo_merge) -> Tensor");
 }

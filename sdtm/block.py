@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from diffusers.models.attention import _chunked_feed_forward
 
+from . import norms
 from .ops import OpSet, ops_for
 from .plans import (
     MergePlan,
@@ -90,21 +91,41 @@ class _Merger:
         return self.ops.merge(x, plan.slot, plan.members, plan.offsets, self.state.config.pseudo_merge)
 
     def finish(
-        self, residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, name: str, merged: bool, store: bool
+        self, residual: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, name: str, merged: bool, store: bool,
+        residual_is_ours: bool, spare: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``residual + gate * y`` with y unmerged (and blended) when ``merged``; stores the cache."""
+        """``residual + gate * y`` with y unmerged (and blended) when ``merged``; stores the cache.
+
+        Without autograd no fresh [B, N, C] buffer is needed: the sum is written into ``residual`` itself
+        when ``residual_is_ours`` (a tensor this forward made, not the block's input), else into ``spare``
+        (a [B, N, C] tensor of this forward that nothing reads any more) when given; a stored cache is
+        refreshed in place (a cache that is not stored again stays as it is for later steps)."""
+        in_place = not torch.is_grad_enabled()
         if not merged:
             y = gate.unsqueeze(1) * y
             if store:
                 self.state.store_cache(name, self.layer, y)
+            if in_place and residual_is_ours:
+                return residual.add_(y)
             return residual + y
-        plan = self.plan
+        plan, mcw = self.plan, self.state.config.mcw
         cache = self.state.cache(name, self.layer, residual)
-        out, new_cache = self.ops.unmerge(
-            y, plan.slot, plan.blend, cache, gate, residual, self.state.config.mcw, store
-        )
+        if not in_place:
+            out, new_cache = self.ops.unmerge(y, plan.slot, plan.blend, cache, gate, residual, mcw, store)
+            if store:
+                self.state.store_cache(name, self.layer, new_cache)
+            return out
+        if residual_is_ours:
+            out = residual
+        elif spare is not None and spare.shape == residual.shape and spare.dtype == residual.dtype:
+            out = spare
+        else:
+            out = torch.empty_like(residual)
+        cache_out = None
         if store:
-            self.state.store_cache(name, self.layer, new_cache)
+            cache_out = cache if cache is not None else torch.empty_like(residual)
+            self.state.store_cache(name, self.layer, cache_out)
+        self.ops.unmerge_into(y, plan.slot, plan.blend, cache, gate, residual, mcw, out, cache_out)
         return out
 
 
@@ -145,12 +166,14 @@ def sdtm_block_forward(
         return self._sdtm_parent.forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
 
     joint_attention_kwargs = joint_attention_kwargs or {}
+    ops = ops_for(state.config.backend, hidden_states.device)
+    # Merged blocks normalise through the fused ops; protected blocks run diffusers' modules (bit for bit).
+    fused_norms = action.mode is BlockMode.MERGED and norms.fusable(self)
+    norm1_outputs = norms.norm1(self, hidden_states, temb, ops) if fused_norms else self.norm1(hidden_states, emb=temb)
     if self.use_dual_attention:
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hidden_states2, gate_msa2 = self.norm1(
-            hidden_states, emb=temb
-        )
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_hidden_states2, gate_msa2 = norm1_outputs
     else:
-        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = norm1_outputs
 
     if self.context_pre_only:
         norm_encoder_hidden_states = self.norm1_context(encoder_hidden_states, temb)
@@ -159,7 +182,6 @@ def sdtm_block_forward(
             encoder_hidden_states, emb=temb
         )
 
-    ops = ops_for(state.config.backend, hidden_states.device)
     plan = compute_plan(state, action, norm_hidden_states, ops) if action.mode is BlockMode.MERGED else None
     merger = _Merger(state, link.layer, plan, ops)
     merge_attn, merge_mlp = action.merge_attn, action.merge_mlp
@@ -170,20 +192,34 @@ def sdtm_block_forward(
         encoder_hidden_states=norm_encoder_hidden_states,
         **joint_attention_kwargs,
     )
-    hidden_states = merger.finish(hidden_states, attn_output, gate_msa, "attn", merge_attn, action.store_attn_cache)
+    # Once merged for the attention, norm1's fused output is read no more: the sum can go there.
+    spare = norm_hidden_states if fused_norms and merge_attn else None
+    hidden_states = merger.finish(
+        hidden_states, attn_output, gate_msa, "attn", merge_attn, action.store_attn_cache, residual_is_ours=False,
+        spare=spare,
+    )
 
     if self.use_dual_attention:
         attn_output2 = self.attn2(
             hidden_states=merger.merge(norm_hidden_states2, merge_attn), **joint_attention_kwargs
         )
         hidden_states = merger.finish(
-            hidden_states, attn_output2, gate_msa2, "attn2", merge_attn, action.store_attn_cache
+            hidden_states, attn_output2, gate_msa2, "attn2", merge_attn, action.store_attn_cache, residual_is_ours=True
         )
 
-    norm_hidden_states = self.norm2(hidden_states)
-    norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    ff_output = _feed_forward(self, merger.merge(norm_hidden_states, merge_mlp), merge_mlp)
-    hidden_states = merger.finish(hidden_states, ff_output, gate_mlp, "mlp", merge_mlp, action.store_mlp_cache)
+    if fused_norms:
+        mlp_plan = plan if merge_mlp else None
+        ff_input = norms.norm2_merged(
+            self, hidden_states, shift_mlp, scale_mlp, mlp_plan, state.config.pseudo_merge, ops
+        )
+    else:
+        norm_hidden_states = self.norm2(hidden_states)
+        norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        ff_input = merger.merge(norm_hidden_states, merge_mlp)
+    ff_output = _feed_forward(self, ff_input, merge_mlp)
+    hidden_states = merger.finish(
+        hidden_states, ff_output, gate_mlp, "mlp", merge_mlp, action.store_mlp_cache, residual_is_ours=True
+    )
 
     merged_tokens = plan.num_merged if plan is not None else num_tokens
     _record(

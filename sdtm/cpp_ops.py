@@ -31,10 +31,37 @@ def _unmerge_fake(y, slot, blend, cache, gate, residual, mcw, store_cache):
     return y.new_empty(full), y.new_empty(full if store_cache else (0,))
 
 
+@torch.library.register_fake("sdtm::unmerge_into")
+def _unmerge_into_fake(y, slot, blend, cache, gate, residual, mcw, out, cache_out):
+    return None
+
+
+@torch.library.register_fake("sdtm::norm_modulate")
+def _norm_modulate_fake(x, shift, scale, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("sdtm::norm_modulate_merge")
+def _norm_modulate_merge_fake(x, shift, scale, eps, slot, members, offsets, pseudo_merge):
+    return x.new_empty((x.shape[0], offsets.shape[1] - 1, x.shape[2]))
+
+
+def _unmerge(y, slot, blend, cache, gate, residual, mcw, store_cache):
+    """``torch.ops.sdtm.unmerge``; without a residual the new cache equals the output, so it is computed
+    once and returned twice, as the torch twin returns it."""
+    if residual is None and store_cache:
+        out, _ = torch.ops.sdtm.unmerge(y, slot, blend, cache, gate, None, mcw, False)
+        return out, out
+    return torch.ops.sdtm.unmerge(y, slot, blend, cache, gate, residual, mcw, store_cache)
+
+
 CPP_OPS = OpSet(
     "cpp",
     window_scores=torch.ops.sdtm.window_scores,
     bipartite_match=torch.ops.sdtm.bipartite_match,
     merge=torch.ops.sdtm.merge,
-    unmerge=torch.ops.sdtm.unmerge,
+    unmerge=_unmerge,
+    unmerge_into=torch.ops.sdtm.unmerge_into,
+    norm_modulate=torch.ops.sdtm.norm_modulate,
+    norm_modulate_merge=torch.ops.sdtm.norm_modulate_merge,
 )

@@ -18,19 +18,25 @@ import torch
 
 from . import plans, reference
 
-OP_NAMES = ("window_scores", "bipartite_match", "merge", "unmerge")
+OP_NAMES = ("window_scores", "bipartite_match", "merge", "unmerge", "unmerge_into", "norm_modulate",
+            "norm_modulate_merge")
 
 
 @dataclass(frozen=True)
 class OpSet:
-    """The four ops of one backend, all with the signatures of ``sdtm.reference``, and the builder of
-    structure-phase plans (signature of ``sdtm.plans.ssm_plan``)."""
+    """The ops of one backend, all with the signatures of ``sdtm.reference`` (``unmerge_into`` is
+    ``unmerge`` writing into given tensors; ``norm_modulate(_merge)`` the block's adaptive LayerNorm,
+    alone or fused with merge), and the builder of structure-phase plans (signature of
+    ``sdtm.plans.ssm_plan``)."""
 
     name: str
     window_scores: Callable
     bipartite_match: Callable
     merge: Callable
     unmerge: Callable
+    unmerge_into: Callable
+    norm_modulate: Callable
+    norm_modulate_merge: Callable
     ssm_plan: Callable = plans.ssm_plan
 
 

@@ -151,3 +151,48 @@ def unmerge(
     out = u if residual is None else residual + u
     new_cache = u if store_cache else u.new_empty(0)
     return out, new_cache
+
+
+def unmerge_into(
+    y: torch.Tensor,
+    slot: torch.Tensor,
+    blend: torch.Tensor,
+    cache: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mcw: float,
+    out: torch.Tensor,
+    cache_out: torch.Tensor | None,
+) -> None:
+    """``unmerge`` writing into given tensors: ``out`` [B, N, C] gets the output and ``cache_out``
+    [B, N, C] (if given) the new cache. ``out`` may be ``residual`` itself and ``cache_out`` may be
+    ``cache`` itself: a block then updates its residual stream and its cache in place."""
+    result, new_cache = unmerge(y, slot, blend, cache, gate, residual, mcw, cache_out is not None)
+    out.copy_(result)
+    if cache_out is not None:
+        cache_out.copy_(new_cache)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The adaptive LayerNorm of an SD3 block: LayerNorm without affine weights, then modulation.
+
+    Args:
+        x: [B, N, C]. shift, scale: [B, C].
+    Returns:
+        [B, N, C], ``layer_norm(x) * (1 + scale) + shift`` (diffusers' op sequence).
+    """
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def norm_modulate_merge(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    slot: torch.Tensor,
+    members: torch.Tensor,
+    offsets: torch.Tensor,
+    pseudo_merge: bool,
+) -> torch.Tensor:
+    """``merge(norm_modulate(x, shift, scale, eps), ...)``: [B, N, C] -> [B, M, C]."""
+    return merge(norm_modulate(x, shift, scale, eps), slot, members, offsets, pseudo_merge)

@@ -7,17 +7,19 @@ import importlib.util
 
 import torch
 
-from sdtm.ops import OpSet
+from sdtm.ops import OP_NAMES, OpSet
 
 from .bipartite_match import bipartite_match
 from .merge import merge
+from .norm_modulate import norm_modulate, norm_modulate_merge
 from .ssm_plan import ssm_plan
-from .unmerge import unmerge
+from .unmerge import unmerge, unmerge_into
 from .window_scores import window_scores
 
 # Plain launchers: the same kernels as torch.ops.sdtm_triton.*, minus the custom-op dispatch per call.
 TRITON_OPS = OpSet("triton", window_scores=window_scores, bipartite_match=bipartite_match, merge=merge,
-                   unmerge=unmerge, ssm_plan=ssm_plan)
+                   unmerge=unmerge, unmerge_into=unmerge_into, norm_modulate=norm_modulate,
+                   norm_modulate_merge=norm_modulate_merge, ssm_plan=ssm_plan)
 
 
 def _register_cuda_kernels() -> None:
@@ -25,7 +27,7 @@ def _register_cuda_kernels() -> None:
     if importlib.util.find_spec("sdtm._C") is None:
         return
     importlib.import_module("sdtm._C")
-    for name in ("window_scores", "bipartite_match", "merge", "unmerge"):
+    for name in OP_NAMES:
         torch.library.register_kernel(f"sdtm::{name}", "cuda", getattr(torch.ops.sdtm_triton, name))
 
 

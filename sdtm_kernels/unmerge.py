@@ -1,4 +1,4 @@
-"""unmerge on the GPU: scatter a merged sub-layer output back to every token, blend group members with
+"""unmerge (and unmerge_into, writing into given tensors) on the GPU: scatter a merged sub-layer output back to every token, blend group members with
 the cache, add the residual and write the new cache, in one pass over [B, N, C].
 
     u = gate[b] * y[b, slot[b, n]]                 (gate optional)
@@ -58,9 +58,47 @@ def _check_full(t: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dt
         raise ValueError(f"{name} must be {dtype} of shape {shape}, got {t.dtype} of shape {tuple(t.shape)}.")
 
 
+def _check_args(y, slot, blend, cache, gate, residual, mcw) -> tuple[int, int, int]:
+    """Validates one call's inputs; returns the full shape (B, N, C)."""
+    check_float(y, "y")
+    check_device(y, slot, blend, cache, gate, residual)
+    batch, _, channels = y.shape
+    full = (batch, slot.shape[1], channels)
+    _check_full(cache, "cache", full, y.dtype)
+    _check_full(residual, "residual", full, y.dtype)
+    _check_full(gate, "gate", (batch, channels), y.dtype)
+    if not 0.0 <= mcw <= 1.0:
+        raise ValueError(f"mcw must lie in [0, 1], got {mcw}.")
+    return full
+
+
+def _launch(wrap, y, slot, blend, cache, gate, residual, mcw, out, new_cache) -> None:
+    """One kernel launch writing ``out`` (and ``new_cache`` unless None); both contiguous."""
+    batch, num_rows, channels = y.shape
+    num_tokens = slot.shape[1]
+    if out.numel() == 0:
+        return
+    # 8 tokens x up to 256 channels per program: 2048 values, 16 per thread at 4 warps, and whole
+    # 128-byte lines per token row on both Ampere and Hopper.
+    block_c = min(triton.next_power_of_2(channels), 256)
+    block_t = 8
+    grid = (triton.cdiv(batch * num_tokens, block_t), triton.cdiv(channels, block_c))
+    placeholder = out  # any pointer for the absent optional inputs; never read
+    wrap(_unmerge_kernel)[grid](
+        y.contiguous(), slot.contiguous(), blend.contiguous(),
+        cache.contiguous() if cache is not None else placeholder,
+        gate.contiguous() if gate is not None else placeholder,
+        residual.contiguous() if residual is not None else placeholder,
+        out, new_cache if new_cache is not None else placeholder,
+        num_tokens, num_rows, channels, batch * num_tokens, float(mcw), float(1.0 - mcw),
+        HAS_CACHE=cache is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+        STORE=new_cache is not None, BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+
+
 def _make_unmerge(wrap):
-    """The launcher, launching kernels through ``wrap`` (plain in eager use, ``wrap_triton`` inside the
-    custom op so torch.compile can trace them)."""
+    """The functional launcher, launching kernels through ``wrap`` (plain in eager use, ``wrap_triton``
+    inside the custom op so torch.compile can trace them)."""
 
     def unmerge(
         y: torch.Tensor,
@@ -73,42 +111,58 @@ def _make_unmerge(wrap):
         store_cache: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Triton twin of ``sdtm.reference.unmerge``: y [B, M, C] -> (out [B, N, C], new cache or empty)."""
-        check_float(y, "y")
-        check_device(y, slot, blend, cache, gate, residual)
-        batch, num_rows, channels = y.shape
-        num_tokens = slot.shape[1]
-        full = (batch, num_tokens, channels)
-        _check_full(cache, "cache", full, y.dtype)
-        _check_full(residual, "residual", full, y.dtype)
-        _check_full(gate, "gate", (batch, channels), y.dtype)
-        if not 0.0 <= mcw <= 1.0:
-            raise ValueError(f"mcw must lie in [0, 1], got {mcw}.")
+        full = _check_args(y, slot, blend, cache, gate, residual, mcw)
         out = torch.empty(full, dtype=y.dtype, device=y.device)
         new_cache = torch.empty(full if store_cache else (0,), dtype=y.dtype, device=y.device)
-        if out.numel() == 0:
-            return out, new_cache
-        # 8 tokens x up to 256 channels per program: 2048 values, 16 per thread at 4 warps, and whole
-        # 128-byte lines per token row on both Ampere and Hopper.
-        block_c = min(triton.next_power_of_2(channels), 256)
-        block_t = 8
-        grid = (triton.cdiv(batch * num_tokens, block_t), triton.cdiv(channels, block_c))
-        placeholder = out  # any pointer for the absent optional inputs; never read
-        wrap(_unmerge_kernel)[grid](
-            y.contiguous(), slot.contiguous(), blend.contiguous(),
-            cache.contiguous() if cache is not None else placeholder,
-            gate.contiguous() if gate is not None else placeholder,
-            residual.contiguous() if residual is not None else placeholder,
-            out, new_cache if store_cache else placeholder,
-            num_tokens, num_rows, channels, batch * num_tokens, float(mcw), float(1.0 - mcw),
-            HAS_CACHE=cache is not None, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-            STORE=bool(store_cache), BLOCK_T=block_t, BLOCK_C=block_c,
-        )
+        _launch(wrap, y, slot, blend, cache, gate, residual, mcw, out, new_cache if store_cache else None)
         return out, new_cache
 
     return unmerge
+
+
+def _check_writable(t: torch.Tensor, name: str, full: tuple, dtype: torch.dtype, inputs: dict) -> None:
+    _check_full(t, name, full, dtype)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: it is written in place.")
+    for other_name, (other, may_be_same) in inputs.items():
+        if other is None or other.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            continue
+        same = other.data_ptr() == t.data_ptr() and other.shape == t.shape and other.is_contiguous()
+        if not (may_be_same and same):
+            raise ValueError(f"{name} shares memory with {other_name}; pass a separate tensor"
+                             + (f" or {other_name} itself." if may_be_same else "."))
+
+
+def _make_unmerge_into(wrap):
+    def unmerge_into(
+        y: torch.Tensor,
+        slot: torch.Tensor,
+        blend: torch.Tensor,
+        cache: torch.Tensor | None,
+        gate: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        mcw: float,
+        out: torch.Tensor,
+        cache_out: torch.Tensor | None,
+    ) -> None:
+        """Triton twin of ``sdtm.reference.unmerge_into``: out may be residual, cache_out may be cache."""
+        full = _check_args(y, slot, blend, cache, gate, residual, mcw)
+        check_device(y, out, cache_out)
+        _check_writable(out, "out", full, y.dtype,
+                        {"y": (y, False), "gate": (gate, False), "cache": (cache, False), "residual": (residual, True)})
+        if cache_out is not None:
+            _check_writable(cache_out, "cache_out", full, y.dtype,
+                            {"y": (y, False), "gate": (gate, False), "residual": (residual, False),
+                             "out": (out, False), "cache": (cache, True)})
+        _launch(wrap, y, slot, blend, cache, gate, residual, mcw, out, cache_out)
+
+    return unmerge_into
 
 
 # Eager callers use the plain launcher: it skips the custom-op dispatch and wrap_triton's bookkeeping on
 # every call (launch overhead dominates at SD3 sizes). The custom op is what torch.compile traces into.
 unmerge = _make_unmerge(lambda kernel: kernel)
 unmerge_op = triton_op("sdtm_triton::unmerge", _make_unmerge(wrap_triton), mutates_args=())
+unmerge_into = _make_unmerge_into(lambda kernel: kernel)
+unmerge_into_op = triton_op("sdtm_triton::unmerge_into", _make_unmerge_into(wrap_triton),
+                            mutates_args=("out", "cache_out"))

@@ -130,6 +130,98 @@ def test_unmerge(cpp, shape, dtype, rtol, atol, fused):
             assert_close(new_cache, ref_cache, rtol=rtol, atol=atol, name="unmerge cache")
 
 
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("target", ["fresh", "in-place"])
+def test_unmerge_into(cpp, shape, dtype, rtol, atol, target):
+    """Writing into given tensors, including the residual itself and the cache itself, equals the
+    functional twin."""
+    grid, x, prio, g = _inputs(shape, dtype)
+    for plan in _plans(grid, x, prio, g, grid.num_tokens // 2, False):
+        b, n, c = x.shape
+        y = torch.randn(b, plan.num_merged, c, generator=g).to(dtype)
+        cache = torch.randn(b, n, c, generator=g).to(dtype)
+        gate = torch.randn(b, c, generator=g).to(dtype)
+        residual = torch.randn(b, n, c, generator=g).to(dtype)
+        ref_out, ref_cache = R.unmerge(y, plan.slot, plan.blend, cache, gate, residual, 0.1, True)
+        if target == "in-place":
+            out, cache_out = residual, cache
+        else:
+            out, cache_out = torch.empty_like(residual), torch.empty_like(cache)
+        assert cpp.unmerge_into(y, plan.slot, plan.blend, cache, gate, residual, 0.1, out, cache_out) is None
+        if dtype == torch.float32:
+            assert torch.equal(out, ref_out) and torch.equal(cache_out, ref_cache)
+        assert_close(out, ref_out, rtol=rtol, atol=atol, name="unmerge_into out")
+        assert_close(cache_out, ref_cache, rtol=rtol, atol=atol, name="unmerge_into cache")
+
+
+def test_unmerge_without_residual_returns_the_cache_as_output(cpp):
+    grid, x, prio, g = _inputs((2, 6, 8, 5, 2, 2), torch.float32)
+    plan = next(_plans(grid, x, prio, g, 24, False))
+    y, cache = torch.randn(2, plan.num_merged, 5, generator=g), torch.randn(2, 48, 5, generator=g)
+    out, new_cache = cpp.unmerge(y, plan.slot, plan.blend, cache, None, None, 0.2, True)
+    ref_out, ref_cache = R.unmerge(y, plan.slot, plan.blend, cache, None, None, 0.2, True)
+    assert torch.equal(out, ref_out) and torch.equal(new_cache, ref_cache)
+
+
+def test_unmerge_into_rejects_overlapping_outputs(cpp):
+    slot = torch.tensor([[0, 0, 1, 1]])
+    blend = torch.ones(1, 4, dtype=torch.bool)
+    y, cache, residual = torch.randn(1, 2, 3), torch.randn(1, 4, 3), torch.randn(1, 4, 3)
+    with pytest.raises(RuntimeError, match="out shares memory with cache"):
+        cpp.unmerge_into(y, slot, blend, cache, None, residual, 0.1, cache, None)
+    with pytest.raises(RuntimeError, match="cache_out shares memory with residual"):
+        cpp.unmerge_into(y, slot, blend, cache, None, residual, 0.1, torch.empty(1, 4, 3), residual)
+    wide = torch.randn(1, 4, 6)
+    with pytest.raises(RuntimeError, match="out must be contiguous"):
+        cpp.unmerge_into(y, slot, blend, cache, None, residual, 0.1, wide[..., :3], None)
+    with pytest.raises(RuntimeError, match="out must be \\[B=1, N=4, C=3\\]"):
+        cpp.unmerge_into(y, slot, blend, cache, None, residual, 0.1, torch.empty(1, 5, 3), None)
+
+
+def _modulation(b, c, dtype, g):
+    return torch.randn(b, c, generator=g).to(dtype), (0.5 * torch.randn(b, c, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_norm_modulate(cpp, shape, dtype, rtol, atol):
+    grid, x, prio, g = _inputs(shape, dtype)
+    x = (3 * x + 1).to(dtype)  # rows with a non-zero mean
+    shift, scale = _modulation(x.shape[0], x.shape[2], dtype, g)
+    args = (x, shift, scale, 1e-6)
+    expected = R.norm_modulate(*args)
+    actual = cpp.norm_modulate(*args)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    # C = 1 normalises every row to exactly 0 in both; bf16 rounds the normalised value before modulating.
+    assert_close(actual, expected, rtol=rtol, atol=max(atol, 2e-5), name="norm_modulate")
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("pseudo", [False, True], ids=["mean", "pseudo"])
+def test_norm_modulate_merge(cpp, shape, dtype, rtol, atol, pseudo):
+    grid, x, prio, g = _inputs(shape, dtype)
+    shift, scale = _modulation(x.shape[0], x.shape[2], dtype, g)
+    for reduce_num in (0, grid.num_tokens // 2, grid.num_tokens):
+        for plan in _plans(grid, x, prio, g, reduce_num, pseudo):
+            args = (x, shift, scale, 1e-6, plan.slot, plan.members, plan.offsets, pseudo)
+            expected = R.norm_modulate_merge(*args)
+            actual = cpp.norm_modulate_merge(*args)
+            assert actual.shape == expected.shape == (x.shape[0], plan.num_merged, x.shape[2])
+            assert_close(actual, expected, rtol=rtol, atol=max(atol, 2e-5), name="norm_modulate_merge")
+
+
+def test_norm_modulate_rejects_bad_modulation(cpp):
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match="shift must be \\[B=2, C=3\\]"):
+        cpp.norm_modulate(x, torch.randn(2, 4), torch.randn(2, 3), 1e-6)
+    with pytest.raises(RuntimeError, match="scale must be a CPU Float tensor"):
+        cpp.norm_modulate(x, torch.randn(2, 3), torch.randn(2, 3).half(), 1e-6)
+    with pytest.raises(RuntimeError, match="eps must be positive"):
+        cpp.norm_modulate(x, torch.randn(2, 3), torch.randn(2, 3), 0.0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 3),
@@ -180,6 +272,11 @@ def test_opcheck():
         (torch.ops.sdtm.merge.default, (x, plan.slot, plan.members, plan.offsets, False)),
         (torch.ops.sdtm.unmerge.default, (y, plan.slot, plan.blend, cache, gate, residual, 0.1, True)),
         (torch.ops.sdtm.unmerge.default, (y, plan.slot, plan.blend, None, None, None, 0.1, False)),
+        (torch.ops.sdtm.norm_modulate.default, (x, gate.expand(2, 5).contiguous(), torch.randn(2, 5), 1e-6)),
+        (torch.ops.sdtm.norm_modulate_merge.default,
+         (x, torch.randn(2, 5), torch.randn(2, 5), 1e-6, plan.slot, plan.members, plan.offsets, False)),
+        (torch.ops.sdtm.unmerge_into.default,
+         (y, plan.slot, plan.blend, cache, gate, residual, 0.1, torch.empty_like(residual), torch.empty_like(cache))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

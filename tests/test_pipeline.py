@@ -259,3 +259,46 @@ def test_step_found_from_a_view_or_from_the_value(sd3_pipe):
         state.begin_call(torch.tensor([1234.5]), 32, 32, 2)
     with pytest.raises(ValueError, match="one timestep per call"):
         state.begin_call(torch.stack([t[1], t[2]]), 32, 32, 2)
+
+
+@pytest.mark.parametrize("model", ["sd3", "sd35"])
+def test_in_place_updates_equal_the_autograd_path_and_spare_block_inputs(sd3_pipe, sd35_pipe, model):
+    """Without autograd the blocks update their residual stream and caches in place; with autograd they
+    allocate. Both give the same result, and no block modifies the hidden states it was given."""
+    pipe, spec = (sd3_pipe, SD3_SPEC) if model == "sd3" else (sd35_pipe, SD35_SPEC)
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    kwargs = tiny_prompt_embeds(spec, batch=2)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    inputs_intact = []
+
+    def check_input_kept(block, args, kwargs_, output):
+        inputs_intact.append(torch.equal(kwargs_["hidden_states"], block._sdtm_seen_input))
+
+    def remember_input(block, args, kwargs_):
+        block._sdtm_seen_input = kwargs_["hidden_states"].clone()
+
+    handles = [h for b in transformer.transformer_blocks for h in (
+        b.register_forward_pre_hook(remember_input, with_kwargs=True),
+        b.register_forward_hook(check_input_kept, with_kwargs=True))]
+
+    def denoise():
+        scheduler.set_timesteps(6)
+        x = latents.clone()
+        for t in scheduler.timesteps:
+            out = transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=kwargs["prompt_embeds"],
+                              pooled_projections=kwargs["pooled_prompt_embeds"], return_dict=False)[0]
+            x = scheduler.step(out.detach(), t, x, return_dict=False)[0]
+        return x
+
+    apply_SDTM(transformer, scheduler=scheduler, switch_step=3, use_rand=False)
+    with torch.no_grad():
+        in_place = denoise()
+    with torch.enable_grad():
+        allocating = denoise()
+    merged_blocks = sum(r.mode == "merged" for r in sdtm_state(transformer).records)
+    for h in handles:
+        h.remove()
+    remove_SDTM(transformer)
+    assert merged_blocks > 0
+    assert torch.equal(in_place, allocating)
+    assert inputs_intact and all(inputs_intact)

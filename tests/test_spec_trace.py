@@ -52,17 +52,17 @@ def test_merged_outputs_blend_with_cache_as_specified(sd3_pipe, monkeypatch):
     captured = {}
     original_finish = block_module._Merger.finish
 
-    def spy(self, residual, y, gate, name, merged, store):
+    def spy(self, residual, y, gate, name, merged, store, **kwargs):
         if merged and name == "mlp" and "done" not in captured:
             cache = self.state.cache(name, self.layer, residual)
             if cache is not None:
                 captured.update(y=y.clone(), gate=gate.clone(), residual=residual.clone(), cache=cache.clone(),
                                 plan=self.plan, mcw=self.state.config.mcw)
-                out = original_finish(self, residual, y, gate, name, merged, store)
+                out = original_finish(self, residual, y, gate, name, merged, store, **kwargs)
                 captured.update(out=out.clone(), stored=self.state.cache(name, self.layer, residual).clone(),
                                 done=True)
                 return out
-        return original_finish(self, residual, y, gate, name, merged, store)
+        return original_finish(self, residual, y, gate, name, merged, store, **kwargs)
 
     monkeypatch.setattr(block_module._Merger, "finish", spy)
     apply_SDTM(sd3_pipe, use_rand=False, mcw=0.3, backend="torch")

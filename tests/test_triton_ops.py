@@ -109,6 +109,57 @@ def test_triton_unmerge(triton_ops, shape, dtype, rtol, atol, fused):
             assert_close(new_cache, ref_cache, rtol, atol, name="unmerge cache")
 
 
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("target", ["fresh", "in-place"])
+def test_triton_unmerge_into(triton_ops, dtype, rtol, atol, target):
+    grid, x, prio, g = _inputs((3, 5, 7, 7, 2, 2), dtype)
+    b, n, c = x.shape
+    for plan in _plans(grid, x, prio, g, n // 2, False):
+        def draw(*size):
+            return torch.randn(*size, generator=g).to(dtype).to(x.device)
+
+        y, cache, gate, residual = draw(b, plan.num_merged, c), draw(b, n, c), draw(b, c), draw(b, n, c)
+        ref_out, ref_cache = R.unmerge(y, plan.slot, plan.blend, cache, gate, residual, 0.1, True)
+        if target == "in-place":
+            out, cache_out = residual, cache
+        else:
+            out, cache_out = torch.empty_like(residual), torch.empty_like(cache)
+        triton_ops.unmerge_into(y, plan.slot, plan.blend, cache, gate, residual, 0.1, out, cache_out)
+        assert_close(out, ref_out, rtol, atol, name="unmerge_into out")
+        assert_close(cache_out, ref_cache, rtol, atol, name="unmerge_into cache")
+
+
+def test_triton_unmerge_into_rejects_overlapping_outputs(triton_ops):
+    def on(t):
+        return t.to(TRITON_DEVICE)
+
+    slot, blend = on(torch.tensor([[0, 0, 1, 1]])), on(torch.ones(1, 4, dtype=torch.bool))
+    y, cache, residual = on(torch.randn(1, 2, 3)), on(torch.randn(1, 4, 3)), on(torch.randn(1, 4, 3))
+    with pytest.raises(ValueError, match="out shares memory with cache"):
+        triton_ops.unmerge_into(y, slot, blend, cache, None, residual, 0.1, cache, None)
+    with pytest.raises(ValueError, match="cache_out shares memory with residual"):
+        triton_ops.unmerge_into(y, slot, blend, cache, None, residual, 0.1, torch.empty_like(residual), residual)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        triton_ops.unmerge_into(y, slot, blend, cache, None, residual, 0.1, on(torch.randn(1, 4, 6))[..., :3], None)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_triton_norm_modulate(triton_ops, shape, dtype, rtol, atol):
+    grid, x, prio, g = _inputs(shape, dtype)
+    b, n, c = x.shape
+    shift = torch.randn(b, c, generator=g).to(dtype).to(x.device)
+    scale = (0.5 * torch.randn(b, c, generator=g)).to(dtype).to(x.device)
+    args = (x, shift, scale, 1e-6)
+    assert_close(triton_ops.norm_modulate(*args), R.norm_modulate(*args), rtol, max(atol, 2e-5),
+                 name="norm_modulate")
+    for pseudo in (False, True):
+        for plan in _plans(grid, x, prio, g, n // 2, pseudo):
+            args = (x, shift, scale, 1e-6, plan.slot, plan.members, plan.offsets, pseudo)
+            assert_close(triton_ops.norm_modulate_merge(*args), R.norm_modulate_merge(*args), rtol, max(atol, 2e-5),
+                         name="norm_modulate_merge")
+
+
 def test_triton_ops_reject_bad_input(triton_ops):
     x = torch.randn(1, 4, 3, device=TRITON_DEVICE)
     with pytest.raises(ValueError, match="does not match"):

@@ -46,20 +46,9 @@ void merge_kernel(const at::Tensor& x, const at::Tensor& members, const at::Tens
 at::Tensor merge_cpu(const at::Tensor& x_in, const at::Tensor& slot, const at::Tensor& members_in,
                      const at::Tensor& offsets_in, bool pseudo_merge) {
   check_tokens(x_in, "x");
-  const int64_t batch = x_in.size(0), tokens = x_in.size(1);
-  check_index(slot, "slot", batch);
-  check_index(members_in, "members", batch);
-  check_index(offsets_in, "offsets", batch);
-  TORCH_CHECK(slot.size(1) == tokens && members_in.size(1) == tokens, "slot and members must be [B, N=", tokens,
-              "], got ", slot.sizes(), " and ", members_in.sizes());
-  TORCH_CHECK(offsets_in.size(1) >= 1, "offsets must be [B, M + 1]");
-  const int64_t rows = offsets_in.size(1) - 1;
-  check_range(members_in, "members", tokens);
+  const int64_t batch = x_in.size(0);
+  const int64_t rows = check_plan(slot, members_in, offsets_in, batch, x_in.size(1));
   const at::Tensor offsets = offsets_in.contiguous();
-  const at::Tensor steps = offsets.narrow(1, 1, rows) - offsets.narrow(1, 0, rows);
-  TORCH_CHECK(rows == 0 || steps.min().item<int64_t>() >= 1, "offsets must grow by at least 1 per row (no empty group)");
-  TORCH_CHECK((offsets.select(1, 0) == 0).all().item<bool>() && (offsets.select(1, rows) == tokens).all().item<bool>(),
-              "offsets must start at 0 and end at N=", tokens);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor members = members_in.contiguous();
   at::Tensor out = at::empty({batch, rows, x.size(2)}, x.options());

@@ -3,10 +3,15 @@
 //   u[b, n]   = gate[b] * y[b, slot[b, n]]                       (gate optional)
 //   u[b, n]   = mcw * u + (1 - mcw) * cache[b, n]   where blend[b, n] and a cache exists
 //   out[b, n] = residual[b, n] + u                               (residual optional, else u)
-//   new_cache = u                                                (when store_cache)
+//   new_cache = u                                                (when stored)
+// Two entry points share the kernel: the functional `unmerge` allocates out and the new cache;
+// `unmerge_into` writes into given tensors, where out may be the residual itself and cache_out the cache
+// itself (each element is read before it is written, by the same thread), so a block can update its
+// residual stream and its cache in place instead of allocating (and page-faulting) fresh [B, N, C] buffers.
 // Each product and sum is rounded to the tensor dtype as torch's op sequence does (and the build uses
 // -ffp-contract=off), so float32 results equal the torch twin bit for bit.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,8 +22,8 @@ namespace {
 
 template <typename scalar_t>
 void unmerge_kernel(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& blend, const at::Tensor& cache,
-                    const at::Tensor& gate, const at::Tensor& residual, double mcw, at::Tensor& out,
-                    at::Tensor& new_cache) {
+                    const at::Tensor& gate, const at::Tensor& residual, double mcw, const at::Tensor& out,
+                    const at::Tensor& new_cache) {
   const int64_t batch = slot.size(0), tokens = slot.size(1), channels = y.size(2), rows = y.size(1);
   const scalar_t* in = y.data_ptr<scalar_t>();
   const int64_t* slots = slot.data_ptr<int64_t>();
@@ -48,18 +53,22 @@ void unmerge_kernel(const at::Tensor& y, const at::Tensor& slot, const at::Tenso
           const scalar_t old = static_cast<scalar_t>(refresh * static_cast<float>(c_row[c]));
           u = static_cast<scalar_t>(fresh + old);
         }
+        const scalar_t total = r_row != nullptr ? static_cast<scalar_t>(r_row[c] + u) : u;
         if (s_row != nullptr) s_row[c] = u;
-        o_row[c] = r_row != nullptr ? static_cast<scalar_t>(r_row[c] + u) : u;
+        o_row[c] = total;
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> unmerge_cpu(const at::Tensor& y_in, const at::Tensor& slot_in,
-                                               const at::Tensor& blend_in, const c10::optional<at::Tensor>& cache_in,
-                                               const c10::optional<at::Tensor>& gate_in,
-                                               const c10::optional<at::Tensor>& residual_in, double mcw,
-                                               bool store_cache) {
+// Checked, contiguous inputs of one unmerge call.
+struct UnmergeInputs {
+  at::Tensor y, slot, blend, cache, gate, residual;
+};
+
+UnmergeInputs check_inputs(const at::Tensor& y_in, const at::Tensor& slot_in, const at::Tensor& blend_in,
+                           const c10::optional<at::Tensor>& cache_in, const c10::optional<at::Tensor>& gate_in,
+                           const c10::optional<at::Tensor>& residual_in, double mcw) {
   check_tokens(y_in, "y");
   const int64_t batch = y_in.size(0), channels = y_in.size(2);
   check_index(slot_in, "slot", batch);
@@ -71,37 +80,84 @@ std::tuple<at::Tensor, at::Tensor> unmerge_cpu(const at::Tensor& y_in, const at:
   TORCH_CHECK(mcw >= 0.0 && mcw <= 1.0, "mcw must lie in [0, 1], got ", mcw);
   const auto full = [&](const c10::optional<at::Tensor>& t, const char* name) {
     if (!t.has_value()) return at::Tensor();
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == tokens && t->size(2) == channels, name,
-                " must be [B=", batch, ", N=", tokens, ", C=", channels, "], got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == y_in.scalar_type() && t->device().is_cpu(), name, " must be a CPU ",
-                y_in.scalar_type(), " tensor, got ", t->scalar_type(), " on ", t->device());
+    check_full(*t, name, batch, tokens, channels, y_in.scalar_type());
     return t->contiguous();
   };
-  const at::Tensor cache = full(cache_in, "cache");
-  const at::Tensor residual = full(residual_in, "residual");
-  at::Tensor gate;
+  UnmergeInputs inputs{y_in.contiguous(), slot_in.contiguous(), blend_in.contiguous(), full(cache_in, "cache"),
+                       at::Tensor(), full(residual_in, "residual")};
   if (gate_in.has_value()) {
     TORCH_CHECK(gate_in->dim() == 2 && gate_in->size(0) == batch && gate_in->size(1) == channels,
                 "gate must be [B=", batch, ", C=", channels, "], got ", gate_in->sizes());
     TORCH_CHECK(gate_in->scalar_type() == y_in.scalar_type() && gate_in->device().is_cpu(), "gate must be a CPU ",
                 y_in.scalar_type(), " tensor");
-    gate = gate_in->contiguous();
+    inputs.gate = gate_in->contiguous();
   }
-  const at::Tensor y = y_in.contiguous();
-  const at::Tensor slot = slot_in.contiguous();
-  const at::Tensor blend = blend_in.contiguous();
-  at::Tensor out = at::empty({batch, tokens, channels}, y.options());
-  at::Tensor new_cache = store_cache ? at::empty({batch, tokens, channels}, y.options()) : at::empty({0}, y.options());
-  if (out.numel() == 0) return {out, new_cache};
-  at::Tensor stored = store_cache ? new_cache : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unmerge", [&] {
-    unmerge_kernel<scalar_t>(y, slot, blend, cache, gate, residual, mcw, out, stored);
+  return inputs;
+}
+
+void run(const UnmergeInputs& in, double mcw, const at::Tensor& out, const at::Tensor& new_cache) {
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.y.scalar_type(), "unmerge", [&] {
+    unmerge_kernel<scalar_t>(in.y, in.slot, in.blend, in.cache, in.gate, in.residual, mcw, out, new_cache);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> unmerge_cpu(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& blend,
+                                               const c10::optional<at::Tensor>& cache,
+                                               const c10::optional<at::Tensor>& gate,
+                                               const c10::optional<at::Tensor>& residual, double mcw,
+                                               bool store_cache) {
+  const UnmergeInputs in = check_inputs(y, slot, blend, cache, gate, residual, mcw);
+  const std::vector<int64_t> full{slot.size(0), slot.size(1), y.size(2)};
+  at::Tensor out = at::empty(full, y.options());
+  at::Tensor new_cache = at::empty(store_cache ? full : std::vector<int64_t>{0}, y.options());
+  run(in, mcw, out, store_cache ? new_cache : at::Tensor());
   return {out, new_cache};
+}
+
+// `what` may share memory with `other` only by being the very same elements (allowed_full) or not at all.
+void check_no_partial_overlap(const at::Tensor& what, const char* what_name, const at::Tensor& other,
+                              const char* other_name, bool allowed_full) {
+  if (!other.defined()) return;
+  const at::MemOverlapStatus status = at::get_overlap_status(what, other);
+  const bool ok = status == at::MemOverlapStatus::No || (allowed_full && status == at::MemOverlapStatus::Full);
+  TORCH_CHECK(ok, what_name, " shares memory with ", other_name,
+              allowed_full ? "; it may only be that very tensor or not overlap it" : "; pass a separate tensor");
+}
+
+void unmerge_into_cpu(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& blend,
+                      const c10::optional<at::Tensor>& cache, const c10::optional<at::Tensor>& gate,
+                      const c10::optional<at::Tensor>& residual, double mcw, const at::Tensor& out,
+                      const c10::optional<at::Tensor>& cache_out) {
+  const UnmergeInputs in = check_inputs(y, slot, blend, cache, gate, residual, mcw);
+  const int64_t batch = slot.size(0), tokens = slot.size(1), channels = y.size(2);
+  const auto writable = [&](const at::Tensor& t, const char* name) {
+    check_full(t, name, batch, tokens, channels, y.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous: it is written in place");
+  };
+  writable(out, "out");
+  check_no_partial_overlap(out, "out", in.y, "y", false);
+  check_no_partial_overlap(out, "out", in.gate, "gate", false);
+  check_no_partial_overlap(out, "out", in.cache, "cache", false);
+  check_no_partial_overlap(out, "out", in.residual, "residual", true);
+  at::Tensor stored;
+  if (cache_out.has_value()) {
+    stored = *cache_out;
+    writable(stored, "cache_out");
+    check_no_partial_overlap(stored, "cache_out", out, "out", false);
+    check_no_partial_overlap(stored, "cache_out", in.y, "y", false);
+    check_no_partial_overlap(stored, "cache_out", in.gate, "gate", false);
+    check_no_partial_overlap(stored, "cache_out", in.residual, "residual", false);
+    check_no_partial_overlap(stored, "cache_out", in.cache, "cache", true);
+  }
+  run(in, mcw, out, stored);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sdtm, CPU, m) { m.impl("unmerge", &unmerge_cpu); }
+TORCH_LIBRARY_IMPL(sdtm, CPU, m) {
+  m.impl("unmerge", &unmerge_cpu);
+  m.impl("unmerge_into", &unmerge_into_cpu);
+}
 
 }  // namespace sdtm
