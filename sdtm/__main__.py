@@ -59,13 +59,13 @@ def _add_macs(commands) -> None:
 
 def _add_bench(commands) -> None:
     bench = commands.add_parser(
-        "bench", help="time the backends on this machine (kernels or end to end)",
+        "bench", help="time the backends on this machine (kernels, one block's SDTM share, or end to end)",
         description="Times each available backend on this machine, rounds interleaved, and reports medians "
                     "and ratios with the machine's description.")
-    bench.add_argument("what", choices=["kernels", "e2e"])
+    bench.add_argument("what", choices=["kernels", "block", "e2e"])
     bench.add_argument("--rounds", type=positive_int, default=5)
     bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
-                       help="e2e: backends to compare (default: torch and cpp)")
+                       help="block, e2e: backends to compare (default: torch and cpp)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write a bar chart of the speedups to this PNG")
 
@@ -98,7 +98,7 @@ def _run_macs(args) -> int:
 
 
 def _run_bench(args) -> int:
-    from .bench import bench_e2e, bench_kernels, machine_info
+    from .bench import bench_block_share, bench_e2e, bench_kernels, machine_info
 
     info = machine_info()
     if args.what == "kernels":
@@ -109,6 +109,18 @@ def _run_bench(args) -> int:
         text = [f"{'op':16}{'shape':22}{'backend':9}{'device':7}{'median ms':>11}{'vs torch':>10}"]
         text += [f"{r.op:16}{r.shape:22}{r.backend:9}{r.device:7}{r.median_ms:>11.3f}{r.speedup_vs_torch:>9.2f}x"
                  for r in rows]
+    elif args.what == "block":
+        backends = args.backends or ["torch", "cpp"]
+        shares = bench_block_share(backends, rounds=args.rounds, progress=not args.json)
+        result = {"machine": info, "block": [{**asdict(r), "share": r.share, "net_share": r.net_share}
+                                             for r in shares]}
+        labels = [f"{r.backend} {r.phase}" for r in shares]
+        values = [r.share * 100 for r in shares]
+        text = [f"SD3 block (C=1536, 64x64 image + 333 text tokens, batch 2): unmerged "
+                f"{shares[0].block_seconds * 1e3:.1f} ms, of which {shares[0].replaced_seconds * 1e3:.1f} ms "
+                "norm2 + modulation + gates + residual adds; added by SDTM at ratio 0.5 (plan, merges, unmerges):"]
+        text += [f"  {r.backend:8}{r.phase:5}{r.added_seconds * 1e3:>9.1f} ms  {r.share:.2%} of the block "
+                 f"({r.net_share:.2%} net of the block work the fused ops replace)" for r in shares]
     else:
         backends = args.backends or ["torch", "cpp"]
         result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json)}
@@ -124,7 +136,9 @@ def _run_bench(args) -> int:
         text += [f"  {b:8} {result['overhead_seconds'][b]:.2f} s ({result['overhead_added'][b]:+.1%})"
                  for b in backends]
     if args.plot:
-        _bar_plot(labels, values, args.plot, f"sdtm bench {args.what}: speedup over torch/unmerged")
+        title = ("sdtm bench block: % of the block's time added" if args.what == "block"
+                 else f"sdtm bench {args.what}: speedup over torch/unmerged")
+        _bar_plot(labels, values, args.plot, title)
     if args.json:
         print(json.dumps(result))
     else:

@@ -211,3 +211,101 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
         "overhead_seconds": overhead,
         "overhead_added": {b: overhead[b] / overhead["unmerged"] - 1 for b in backends},
     }
+
+
+@dataclass
+class BlockShare:
+    """One unmerged block's median time against what SDTM adds to it in one phase (seconds).
+
+    ``added_seconds`` counts SDTM's ops whole; ``replaced_seconds`` is the block's own work they take
+    over (norm2 + modulation, and the gate multiply + residual add after each sub-layer, on all tokens)."""
+
+    phase: str
+    backend: str
+    block_seconds: float
+    added_seconds: float
+    replaced_seconds: float
+
+    @property
+    def share(self) -> float:
+        """Upper bound: SDTM's ops whole, over the unmerged block."""
+        return self.added_seconds / self.block_seconds
+
+    @property
+    def net_share(self) -> float:
+        """SDTM's ops less the block work they replace, over the unmerged block."""
+        return (self.added_seconds - self.replaced_seconds) / self.block_seconds
+
+
+def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), heads: int = 24
+                     ) -> dict[str, Callable[[], object]]:
+    """An SD3 block (C = heads * 64, batch 2, ``grid`` image tokens, 333 text tokens, CPU float32) run
+    unmerged ("unmerged"), the part of it that SDTM's fused ops take over ("replaced"), and for each
+    backend and phase ("cpp-ssm", "cpp-idm", ...) everything SDTM adds
+    to it when merging half the tokens: the plan (scores, selection, index tables, merge age), the merges
+    of the attention and MLP inputs (the latter fused with norm2 and the modulation) and the two fused
+    unmerges (blend, cache refresh, gate, residual). The fused ops are counted whole although they also
+    do the block's own norm, gate and residual work, so this is an upper bound of what SDTM adds."""
+    from .block import compute_plan
+    from .schedule import BlockAction, BlockMode, Phase
+    from .state import SDTMState
+
+    transformer = sd3_shaped_transformer(num_layers=2, heads=heads, sample_size=2 * max(grid))
+    block = transformer.transformer_blocks[0]
+    channels, batch = heads * 64, 2
+    layout = Grid(grid[0], grid[1], 2, 2)
+    g = torch.Generator().manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g)
+
+    hidden, metric = draw(batch, layout.num_tokens, channels), draw(batch, layout.num_tokens, channels)
+    context, temb = draw(batch, TEXT_TOKENS, channels), draw(batch, channels)
+    shift, scale, gate = draw(batch, channels), draw(batch, channels), draw(batch, channels)
+    caches = [draw(batch, layout.num_tokens, channels) for _ in range(2)]
+    spare = torch.empty_like(hidden)
+
+    def unmerged():
+        with torch.no_grad():
+            return block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+
+    full_output = draw(batch, layout.num_tokens, channels)
+
+    def replaced():
+        """The unmerged block's own ops that SDTM's fused ops take over, in diffusers' op sequence."""
+        normed = torch.nn.functional.layer_norm(hidden, (channels,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+        after_attention = hidden + gate.unsqueeze(1) * full_output
+        return normed, after_attention + gate.unsqueeze(1) * full_output
+
+    def sdtm_added(backend: str, phase: Phase) -> Callable[[], object]:
+        ops = ops_for(backend, hidden.device)
+        state = SDTMState(SDTMConfig(backend=backend), num_layers=1)
+        state.grid = layout
+        action = BlockAction(BlockMode.MERGED, phase, reduce_num=layout.num_tokens // 2, merge_attn=True,
+                             merge_mlp=True)
+        mcw = state.config.mcw
+
+        def run():
+            state.streams.clear()
+            plan = compute_plan(state, action, metric, ops)
+            ops.merge(metric, plan.slot, plan.members, plan.offsets, False)
+            y = torch.empty(batch, plan.num_merged, channels)  # stands for the sub-layer outputs
+            ops.unmerge_into(y, plan.slot, plan.blend, caches[0], gate, hidden, mcw, spare, caches[0])
+            ops.norm_modulate_merge(spare, shift, scale, 1e-6, plan.slot, plan.members, plan.offsets, False)
+            ops.unmerge_into(y, plan.slot, plan.blend, caches[1], gate, spare, mcw, spare, caches[1])
+
+        return run
+
+    runs: dict[str, Callable[[], object]] = {"unmerged": unmerged, "replaced": replaced}
+    for backend in backends:
+        for phase in (Phase.STRUCTURE, Phase.DETAIL):
+            runs[f"{backend}-{phase.value}"] = sdtm_added(backend, phase)
+    return runs
+
+
+def bench_block_share(backends: list[str], grid: tuple[int, int] = (64, 64), heads: int = 24, rounds: int = 5,
+                      progress: bool = True) -> list[BlockShare]:
+    """Medians of ``block_share_runs``, interleaved: what SDTM adds to a block, per backend and phase."""
+    seconds = interleaved_medians(block_share_runs(backends, grid, heads), rounds, torch.device("cpu"), progress)
+    return [BlockShare(name.split("-")[1], name.split("-")[0], seconds["unmerged"], s, seconds["replaced"])
+            for name, s in seconds.items() if name not in ("unmerged", "replaced")]

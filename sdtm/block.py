@@ -1,12 +1,14 @@
 """SDTM's forward of diffusers' ``JointTransformerBlock``: where image tokens are merged and unmerged.
 
-Image stream: norm1 -> [merge] -> attn (joint with the text tokens) -> gate -> [unmerge + blend] ->
-residual; (SD3.5 dual attention: attn2 on norm1's second output, merged with the same plan); norm2 +
-modulation -> [merge] -> ff -> gate -> [unmerge + blend] -> residual. The text stream is diffusers' own.
+Image stream: norm1 -> plan -> [merge] -> attn (joint with the text tokens) -> [unmerge + blend +
+gate + residual]; (SD3.5 dual attention: attn2 on norm1's second output, merged with the same plan);
+[norm2 + modulation + merge] -> ff -> [unmerge + blend + gate + residual]. The text stream is diffusers'
+own. In merged blocks the adaptive LayerNorms go through the backend's fused ops (sdtm/norms.py), and
+without autograd the residual stream and the caches are updated in place (``_Merger.finish``).
 
 Blocks that do not merge at a step run the original forward untouched. The body below mirrors
 ``JointTransformerBlock.forward`` of diffusers 0.42 operation for operation, so a protected step (full
-block, caches stored) gives the unpatched result bit for bit; tests/test_equivalence.py holds it to that.
+block, caches stored) gives the unpatched result bit for bit; tests/test_pipeline.py holds it to that.
 """
 
 from __future__ import annotations

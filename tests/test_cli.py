@@ -154,6 +154,20 @@ def test_bench_kernels_json(capsys, monkeypatch):
     assert ("merge", "torch") in ops and all(row["median_ms"] > 0 for row in result["kernels"])
 
 
+def test_bench_block_small(monkeypatch, capsys):
+    from sdtm import bench
+
+    original = bench.bench_block_share
+    monkeypatch.setattr(bench, "bench_block_share", lambda backends, rounds, progress: original(
+        backends, grid=(8, 8), heads=1, rounds=1, progress=False))
+    assert main(["bench", "block", "--json", "--backends", "torch"]) == 0
+    rows = json.loads(capsys.readouterr().out)["block"]
+    assert {(r["backend"], r["phase"]) for r in rows} == {("torch", "ssm"), ("torch", "idm")}
+    for r in rows:
+        assert r["share"] == pytest.approx(r["added_seconds"] / r["block_seconds"]) and r["added_seconds"] > 0
+        assert r["net_share"] == pytest.approx(r["share"] - r["replaced_seconds"] / r["block_seconds"])
+
+
 def test_bench_e2e_small(monkeypatch, capsys):
     """The end-to-end comparison on a small grid: both comparisons run and report consistent numbers."""
     from sdtm import bench
