@@ -29,6 +29,14 @@ def main(build_dir: str) -> None:
     out, cache = ops.unmerge(merged, slot, torch.zeros(1, 4, dtype=torch.bool), None, None, None, 0.1, False)
     assert out.tolist() == [[[2.0, 3.0], [2.0, 3.0], [5.0, 6.0], [7.0, 8.0]]] and cache.numel() == 0, out
 
+    residual = torch.ones(1, 4, 2)
+    ops.unmerge_into(merged, slot, torch.zeros(1, 4, dtype=torch.bool), None, None, residual, 0.1, residual, None)
+    assert residual.tolist() == [[[3.0, 4.0], [3.0, 4.0], [6.0, 7.0], [8.0, 9.0]]], residual
+
+    pairs = torch.tensor([[[1.0, 3.0], [5.0, 9.0]]])
+    normed = ops.norm_modulate(pairs, torch.zeros(1, 2), torch.zeros(1, 2), 1e-6)
+    assert torch.allclose(normed, torch.tensor([[[-1.0, 1.0], [-1.0, 1.0]]]), atol=1e-5), normed
+
     same = torch.ones(1, 4, 3)
     scores = ops.window_scores(same, None, 2, 2, 2, 2, 0.0)
     assert torch.allclose(scores, torch.ones(1, 1)), scores
