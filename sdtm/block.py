@@ -25,7 +25,6 @@ from .plans import (
     MergePlan,
     idm_candidates,
     idm_destinations,
-    idm_plan,
     merge_age_priority,
     random_or_first_positions,
     update_merge_age,
@@ -75,7 +74,7 @@ def compute_plan(state: SDTMState, action: BlockAction, metric: torch.Tensor, op
         else:
             score = torch.zeros(batch, 0, device=metric.device)
             best = torch.zeros(batch, 0, dtype=torch.int64, device=metric.device)
-        plan = idm_plan(grid, action.reduce_num, src_idx, dst_idx, score, best, config.pseudo_merge)
+        plan = ops.idm_plan(grid, action.reduce_num, src_idx, dst_idx, score, best, config.pseudo_merge)
     stream.merge_age = update_merge_age(age, plan)
     return plan
 

@@ -26,8 +26,8 @@ OP_NAMES = ("window_scores", "bipartite_match", "merge", "unmerge", "unmerge_int
 class OpSet:
     """The ops of one backend, all with the signatures of ``sdtm.reference`` (``unmerge_into`` is
     ``unmerge`` writing into given tensors; ``norm_modulate(_merge)`` the block's adaptive LayerNorm,
-    alone or fused with merge), and the builder of structure-phase plans (signature of
-    ``sdtm.plans.ssm_plan``)."""
+    alone or fused with merge), and the builders of the plans of each phase (signatures of
+    ``sdtm.plans.ssm_plan`` and ``sdtm.plans.idm_plan``)."""
 
     name: str
     window_scores: Callable
@@ -38,6 +38,7 @@ class OpSet:
     norm_modulate: Callable
     norm_modulate_merge: Callable
     ssm_plan: Callable = plans.ssm_plan
+    idm_plan: Callable = plans.idm_plan
 
 
 TORCH_OPS = OpSet("torch", *(getattr(reference, op) for op in OP_NAMES))

@@ -10,6 +10,7 @@ import torch
 from sdtm.ops import OP_NAMES, OpSet
 
 from .bipartite_match import bipartite_match
+from .idm_plan import idm_plan
 from .merge import merge
 from .norm_modulate import norm_modulate, norm_modulate_merge
 from .ssm_plan import ssm_plan
@@ -19,7 +20,8 @@ from .window_scores import window_scores
 # Plain launchers: the same kernels as torch.ops.sdtm_triton.*, minus the custom-op dispatch per call.
 TRITON_OPS = OpSet("triton", window_scores=window_scores, bipartite_match=bipartite_match, merge=merge,
                    unmerge=unmerge, unmerge_into=unmerge_into, norm_modulate=norm_modulate,
-                   norm_modulate_merge=norm_modulate_merge, ssm_plan=ssm_plan)
+                   norm_modulate_merge=norm_modulate_merge, ssm_plan=ssm_plan,
+                   idm_plan=idm_plan)
 
 
 def _register_cuda_kernels() -> None:

@@ -251,3 +251,19 @@ def test_triton_ssm_plan_equals_torch_plan(triton_ops, shape, reduce_num, pseudo
     actual = triton_ops.ssm_plan(scores, grid, reduce_num, position, pseudo)
     for name in ("slot", "blend", "members", "offsets", "independent"):
         assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("pseudo", [False, True], ids=["mean", "pseudo"])
+def test_triton_idm_plan_equals_torch_plan(triton_ops, shape, pseudo):
+    grid, x, prio, g = _inputs(shape, torch.float32)
+    if grid.num_windows == 0:
+        pytest.skip("no complete window: the detail phase has no destination")
+    position = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
+    src, dst = idm_candidates(grid, position)
+    score, best = R.bipartite_match(x, src, dst, prio, 0.05)
+    for reduce_num in (0, 16, grid.num_tokens // 2, grid.num_tokens):
+        expected = idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+        actual = triton_ops.idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+        for name in ("slot", "blend", "members", "offsets", "independent"):
+            assert torch.equal(getattr(actual, name), getattr(expected, name)), (reduce_num, name)
