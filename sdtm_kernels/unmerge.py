@@ -1,5 +1,6 @@
-"""unmerge (and unmerge_into, writing into given tensors) on the GPU: scatter a merged sub-layer output back to every token, blend group members with
-the cache, add the residual and write the new cache, in one pass over [B, N, C].
+"""unmerge (and unmerge_into, writing into given tensors) on the GPU: scatter a merged sub-layer output
+back to every token, blend group members with the cache, add the residual and write the new cache, in
+one pass over [B, N, C].
 
     u = gate[b] * y[b, slot[b, n]]                 (gate optional)
     u = mcw * u + (1 - mcw) * cache[b, n]          where blend[b, n] and a cache is given

@@ -55,7 +55,8 @@ inline int64_t check_plan(const at::Tensor& slot, const at::Tensor& members, con
   check_range(members, "members", tokens);
   const at::Tensor offsets = offsets_in.contiguous();
   const at::Tensor steps = offsets.narrow(1, 1, rows) - offsets.narrow(1, 0, rows);
-  TORCH_CHECK(rows == 0 || steps.min().item<int64_t>() >= 1, "offsets must grow by at least 1 per row (no empty group)");
+  TORCH_CHECK(rows == 0 || steps.min().item<int64_t>() >= 1,
+              "offsets must grow by at least 1 per row (no empty group)");
   TORCH_CHECK((offsets.select(1, 0) == 0).all().item<bool>() && (offsets.select(1, rows) == tokens).all().item<bool>(),
               "offsets must start at 0 and end at N=", tokens);
   return rows;
