@@ -121,10 +121,10 @@ class _Merger:
         elif spare is not None and spare.shape == residual.shape and spare.dtype == residual.dtype:
             out = spare
         else:
-            out = torch.empty_like(residual)
+            out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
         cache_out = None
         if store:
-            cache_out = cache if cache is not None else torch.empty_like(residual)
+            cache_out = cache if cache is not None else torch.empty(out.shape, dtype=out.dtype, device=out.device)
             self.state.store_cache(name, self.layer, cache_out)
         self.ops.unmerge_into(y, plan.slot, plan.blend, cache, gate, residual, mcw, out, cache_out)
         return out

@@ -302,3 +302,35 @@ def test_in_place_updates_equal_the_autograd_path_and_spare_block_inputs(sd3_pip
     assert merged_blocks > 0
     assert torch.equal(in_place, allocating)
     assert inputs_intact and all(inputs_intact)
+
+
+@requires_cpp
+def test_strided_hidden_states_reach_the_fused_unmerge(sd3_pipe):
+    """A block input that is not contiguous still gets contiguous output and cache buffers."""
+    transformer = sd3_pipe.transformer
+    block = transformer.transformer_blocks[0]
+    kwargs = tiny_prompt_embeds(SD3_SPEC, batch=2)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def transposed_input(module, args, kwargs_):
+        hidden = kwargs_["hidden_states"]
+        kwargs_["hidden_states"] = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+        return args, kwargs_
+
+    def denoise():
+        sd3_pipe.scheduler.set_timesteps(4)
+        x = latents.clone()
+        for t in sd3_pipe.scheduler.timesteps:
+            out = transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=kwargs["prompt_embeds"],
+                              pooled_projections=kwargs["pooled_prompt_embeds"], return_dict=False)[0]
+            x = sd3_pipe.scheduler.step(out, t, x, return_dict=False)[0]
+        return x
+
+    apply_SDTM(transformer, scheduler=sd3_pipe.scheduler, backend="cpp", protect_steps_frequency=None, ratio=0.5)
+    with torch.no_grad():
+        expected = denoise()
+        handle = block.register_forward_pre_hook(transposed_input, with_kwargs=True)
+        strided = denoise()
+    handle.remove()
+    remove_SDTM(transformer)
+    assert torch.equal(strided, expected)
