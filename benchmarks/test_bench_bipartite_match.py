@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import BACKENDS, inputs_for, ops, synchronized
+from bench_support import BACKENDS, inputs_for, ops, synchronized
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,7 @@ backend-phase variant over "unmerged" (net: less "replaced"); `sdtm bench block`
 
 import pytest
 
-from conftest import BACKENDS
+from bench_support import BACKENDS
 from sdtm.bench import block_share_runs
 
 CPU_BACKENDS = [b for b in BACKENDS if b.values[0] in ("torch", "cpp")]

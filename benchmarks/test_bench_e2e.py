@@ -8,7 +8,7 @@ difference is everything SDTM adds. `python benchmarks/e2e.py` runs the same com
 
 import pytest
 
-from conftest import BACKENDS
+from bench_support import BACKENDS
 from e2e_common import ALL_STRUCTURE, Denoiser, sd3_shaped_transformer
 from sdtm import SDTMConfig
 from sdtm.macs import schedule_macs

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import BACKENDS, inputs_for, ops, synchronized
+from bench_support import BACKENDS, inputs_for, ops, synchronized
 
 
 @pytest.mark.parametrize("fused", ["norm_modulate", "norm_modulate_merge"])

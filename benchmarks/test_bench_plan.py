@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import BACKENDS, inputs_for, ops, synchronized
+from bench_support import BACKENDS, inputs_for, ops, synchronized
 from sdtm import SDTMConfig
 from sdtm.block import compute_plan
 from sdtm.schedule import BlockAction, BlockMode, Phase

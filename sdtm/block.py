@@ -159,7 +159,9 @@ def sdtm_block_forward(
             f"the block got {num_tokens} image tokens but the latent grid is "
             f"{state.grid.height}x{state.grid.width}={state.grid.num_tokens} tokens."
         )
-    action = block_action(state.config, state.step, state.num_steps, link.layer, state.num_layers, num_tokens)
+    action = block_action(
+        state.config, state.step, state.num_steps, link.layer, state.num_layers, num_tokens, state.grid.num_windows
+    )
     if action.reset_merge_age:
         state.stream.merge_age = None
     if action.mode is BlockMode.UNCHANGED:

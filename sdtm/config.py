@@ -102,7 +102,9 @@ class SDTMConfig:
 def _check_real(name: str, value, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r}.")
-    if not (low <= value <= high) or math.isnan(value):
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+    if not low <= value <= high:
         raise ValueError(f"{name} must lie in [{low}, {high}], got {value}.")
 
 

@@ -86,9 +86,7 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
     remove_sdtm(transformer)
     state = SDTMState(config=config, num_layers=len(blocks), timesteps_source=timesteps_source)
     transformer._sdtm_state = state
-    transformer._sdtm_hook = transformer.register_forward_pre_hook(
-        _make_pre_forward(state, patch_size), with_kwargs=True
-    )
+    transformer._sdtm_hook = transformer.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     for layer, block in enumerate(blocks):
         block._sdtm = BlockLink(state, layer)
         block.__class__ = _patched_class(type(block))
@@ -124,6 +122,11 @@ def sdtm_state(module: Any) -> SDTMState | None:
 
 
 def _find_transformer(module: Any) -> torch.nn.Module:
+    if not isinstance(module, torch.nn.Module) and getattr(module, "transformer", 0) is None:
+        raise ValueError(
+            f"the {type(module).__name__} has no transformer (its .transformer is None); SDTM patches the "
+            "transformer, so load the pipeline with one."
+        )
     transformer = getattr(module, "transformer", None) if not isinstance(module, torch.nn.Module) else module
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(
@@ -151,30 +154,64 @@ def _timesteps_source(module: Any, scheduler: Any) -> Callable[[], torch.Tensor 
     if scheduler is not None:
         if not hasattr(scheduler, "timesteps"):
             raise TypeError(f"scheduler must have a .timesteps attribute, got {type(scheduler).__name__}.")
-        return lambda: scheduler.timesteps
+        return SchedulerTimesteps(scheduler)
     if isinstance(module, torch.nn.Module) or not hasattr(module, "scheduler"):
         return None
-    pipe_ref = weakref.ref(module)
+    return PipelineTimesteps(module)
 
-    def pipeline_timesteps() -> torch.Tensor | None:
-        pipe = pipe_ref()
+
+class SchedulerTimesteps:
+    """The ``timesteps`` of a scheduler given to apply. A deep copy of the patched transformer reads the
+    deep copy of that scheduler (as any attribute of a deep-copied object)."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+
+    def __call__(self) -> torch.Tensor | None:
+        return getattr(self.scheduler, "timesteps", None)
+
+
+class PipelineTimesteps:
+    """The ``timesteps`` of the scheduler a pipeline holds now (a weak reference: the transformer does not
+    keep its pipeline alive, and ``pipe.scheduler`` may be replaced).
+
+    Deep-copying the pipeline gives the copy a source that reads the copy's scheduler; deep-copying the
+    transformer alone gives a source that refuses at the first call, because the copy has no pipeline."""
+
+    def __init__(self, pipe: Any):
+        self._pipe = weakref.ref(pipe)
+
+    def __call__(self) -> torch.Tensor | None:
+        pipe = self._pipe()
         if pipe is None:
             raise RuntimeError("the pipeline SDTM was applied to no longer exists; apply it again.")
         return getattr(pipe.scheduler, "timesteps", None)
 
-    return pipeline_timesteps
+    def __deepcopy__(self, memo: dict) -> Callable[[], torch.Tensor | None]:
+        copied_pipe = memo.get(id(self._pipe()))
+        if copied_pipe is None:
+            return _copied_without_pipeline
+        return PipelineTimesteps(copied_pipe)
 
 
-def _make_pre_forward(state: SDTMState, patch_size: int):
-    def pre_forward(module, args, kwargs):
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[3] if len(args) > 3 else None)
-        if timestep is None:
-            raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
-        state.begin_call(timestep, hidden_states.shape[-2], hidden_states.shape[-1], patch_size)
-        return None
+def _copied_without_pipeline() -> torch.Tensor | None:
+    raise RuntimeError(
+        "this SDTM-patched transformer was deep-copied without the pipeline SDTM was applied to, so it cannot "
+        "see the denoising schedule; apply SDTM to the copy (apply_SDTM(new_pipe) or "
+        "apply_SDTM(transformer, scheduler=scheduler))."
+    )
 
-    return pre_forward
+
+def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """The transformer's forward pre-hook: locate the step of this call in the module's own state (read
+    from the module, so a deep copy of the module uses its own copy of the state)."""
+    state: SDTMState = module._sdtm_state
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    timestep = kwargs["timestep"] if "timestep" in kwargs else (args[3] if len(args) > 3 else None)
+    if timestep is None:
+        raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
+    state.begin_call(timestep, hidden_states.shape[-2], hidden_states.shape[-1], module.config.patch_size)
+    return None
 
 
 def _patched_class(block_class: type) -> type:

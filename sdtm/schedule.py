@@ -80,10 +80,20 @@ def sources_to_merge(reduce_num: int, num_candidates: int) -> int:
 
 
 def block_action(
-    config: SDTMConfig, step: int, num_steps: int, layer: int, num_layers: int, num_tokens: int
+    config: SDTMConfig,
+    step: int,
+    num_steps: int,
+    layer: int,
+    num_layers: int,
+    num_tokens: int,
+    num_windows: int | None = None,
 ) -> BlockAction:
-    """Decide what block ``layer`` does at ``step`` for an image of ``num_tokens`` tokens."""
+    """Decide what block ``layer`` does at ``step`` for an image of ``num_tokens`` tokens, ``num_windows``
+    of them complete windows (None: not known, assumed > 0). With no complete window nothing can merge
+    and every block is UNCHANGED."""
     phase = phase_at_step(config, step)
+    if num_windows == 0:
+        return BlockAction(BlockMode.UNCHANGED, phase)
     # A cache written now is read only by a later merging step of the same sub-layer: attention merges
     # only in structure steps (s <= switch_step), the MLP at any step.
     attn_cache_readable = config.merge_attn and step < min(config.switch_step, num_steps - 1)

@@ -10,6 +10,7 @@ age and caches, so a skip-layer-guidance call never blends with the guided call'
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -96,7 +97,14 @@ class SDTMState:
         self.call_in_step = self.call_in_step + 1 if step == self.step else 0
         self.step = step
         self.num_steps = len(self._timestep_values)
-        self.grid = Grid(latent_height // patch, latent_width // patch, self.config.sy, self.config.sx)
+        grid = Grid(latent_height // patch, latent_width // patch, self.config.sy, self.config.sx)
+        if grid.num_windows == 0 and grid != self.grid:
+            warnings.warn(
+                f"SDTM: no {grid.sy}x{grid.sx} window (sy x sx) fits the {grid.height}x{grid.width} token grid, "
+                "so no token can be merged and the model runs unmerged; use a smaller sx / sy.",
+                stacklevel=4,
+            )
+        self.grid = grid
 
     def _locate(self, timestep: torch.Tensor | float) -> int:
         step = self._locate_view(timestep)

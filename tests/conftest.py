@@ -1,53 +1,10 @@
-"""Shared helpers: tiny pipelines, generation shortcuts, a readable closeness check."""
+"""Fixtures shared by the tests: tiny SD3 / SD3.5 pipelines, unpatched again after every test."""
 
 from __future__ import annotations
 
-import os
+import pytest
 
-import torch
-
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set before
-# anything imports triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-
-from sdtm.ops import cpp_unavailable_reason, triton_unavailable_reason  # noqa: E402
-from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
-
-diffusers_logging.set_verbosity_error()
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-requires_cpp = pytest.mark.skipif(cpp_unavailable_reason() is not None, reason=str(cpp_unavailable_reason()))
-TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_triton = pytest.mark.skipif(
-    triton_unavailable_reason(TRITON_DEVICE) is not None, reason=str(triton_unavailable_reason(TRITON_DEVICE))
-)
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = ""):
-    """assert_close that reports the relative RMS error and the first mismatches."""
-    actual_f, expected_f = actual.double(), expected.double()
-    rms = (actual_f - expected_f).pow(2).mean().sqrt() / expected_f.pow(2).mean().sqrt().clamp_min(1e-30)
-    bad = ~torch.isclose(actual_f, expected_f, rtol=rtol, atol=atol)
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        details = [(w, actual_f[tuple(w)].item(), expected_f[tuple(w)].item()) for w in where]
-        raise AssertionError(
-            f"{name} mismatch: {int(bad.sum())} of {bad.numel()} elements, relative RMS {rms:.3e}, "
-            f"first (index, actual, expected): {details}"
-        )
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-SD3_SPEC = TinySpec()
-SD35_SPEC = TinySpec(num_layers=3, dual_attention=True)
+from support import SD3_SPEC, SD35_SPEC, tiny_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -60,22 +17,6 @@ def sd35_pipe():
     return tiny_pipeline(SD35_SPEC)
 
 
-def generate(pipe, spec: TinySpec = SD3_SPEC, batch: int = 1, height: int = 32, width: int = 32, seed: int = 0,
-             guidance_scale: float = 3.0, dtype=torch.float32, **kwargs) -> torch.Tensor:
-    """Latents of one tiny generation (deterministic for a seed)."""
-    kwargs.setdefault("num_inference_steps", 8)
-    embeds = {k: v.to(pipe.transformer.device) for k, v in tiny_prompt_embeds(spec, batch, dtype=dtype).items()}
-    return pipe(
-        **embeds,
-        height=height,
-        width=width,
-        guidance_scale=guidance_scale,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(seed),
-        **kwargs,
-    ).images
-
-
 @pytest.fixture(autouse=True)
 def _unpatch_session_pipes(request):
     """Tests share the session pipelines; make sure none leaves SDTM applied."""
@@ -85,15 +26,3 @@ def _unpatch_session_pipes(request):
     for name in ("sd3_pipe", "sd35_pipe"):
         if name in request.fixturenames:
             remove_SDTM(request.getfixturevalue(name))
-
-
-def op_inputs(shape, dtype, device="cpu", seed=0):
-    """Tokens, merge-age priority and grid for op tests. shape = (B, grid_h, grid_w, C, sy, sx)."""
-    from sdtm.plans import Grid
-
-    b, h, w, c, sy, sx = shape
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, h * w, c, generator=g).to(dtype)
-    age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
-    prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
-    return Grid(h, w, sy, sx), x.to(device), prio.to(device), g

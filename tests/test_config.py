@@ -25,6 +25,13 @@ def test_defaults_match_reference_sample_script():
         ({"sx": 1, "sy": 1}, "at least 2 tokens"),
         ({"sx": 0}, "sx must be >= 1"),
         ({"backend": "cuda"}, "backend must be one of"),
+        ({"a_s": float("inf")}, "a_s must be a finite number"),
+        ({"a_s": float("-inf")}, "a_s must be a finite number"),
+        ({"a_d": float("inf")}, "a_d must be a finite number"),
+        ({"a_d": float("nan")}, "a_d must be a finite number"),
+        ({"a_p": float("-inf")}, "a_p must be a finite number"),
+        ({"ratio": float("nan")}, "ratio must be a finite number"),
+        ({"deviation": float("inf")}, "deviation must be a finite number"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_argument(changes, message):
@@ -42,6 +49,15 @@ def test_apply_checks_arguments_before_touching_the_model(sd3_pipe):
     with pytest.raises(ValueError, match="mcw"):
         apply_SDTM(sd3_pipe, mcw=2.0)
     assert not hasattr(sd3_pipe.transformer, "_sdtm_state")
+
+
+def test_pipeline_without_transformer_says_so(sd3_pipe):
+    transformer, sd3_pipe.transformer = sd3_pipe.transformer, None
+    try:
+        with pytest.raises(ValueError, match=r"has no transformer \(its .transformer is None\)"):
+            apply_SDTM(sd3_pipe)
+    finally:
+        sd3_pipe.transformer = transformer
 
 
 def test_module_without_sd3_blocks_is_rejected():

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close, op_inputs, requires_cpp
+from support import assert_close, op_inputs, requires_cpp
 from sdtm import reference as R
 from sdtm.plans import idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 

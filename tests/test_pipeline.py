@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import SD3_SPEC, SD35_SPEC, generate, relative_difference, requires_cpp
+from support import SD3_SPEC, SD35_SPEC, generate, relative_difference, requires_cpp
 from sdtm import SDTMConfig, apply_SDTM, apply_sdtm, remove_SDTM, sdtm_state
 from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds, tiny_transformer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spec_oracle
-from conftest import generate
+from support import generate
 from sdtm import apply_SDTM, sdtm_state
 from sdtm import block as block_module
 from sdtm.schedule import Phase

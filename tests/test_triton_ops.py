@@ -4,8 +4,8 @@ pipelines with backend="triton", and GPU-only checks that skip without CUDA."""
 import pytest
 import torch
 
-from conftest import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, op_inputs, relative_difference
-from conftest import requires_cuda, requires_triton
+from support import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, op_inputs, relative_difference
+from support import requires_cuda, requires_triton
 from sdtm import apply_SDTM
 from sdtm import reference as R
 from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
