@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
+from typing import Callable
 
 from .cli_options import add_sdtm_options, config_from_args, positive_int
 
@@ -65,7 +67,8 @@ def _add_bench(commands) -> None:
     bench.add_argument("what", choices=["kernels", "block", "e2e"])
     bench.add_argument("--rounds", type=positive_int, default=5)
     bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
-                       help="block, e2e: backends to compare (default: torch and cpp)")
+                       help="backends to compare (kernels: default every one available here, torch always "
+                            "timed as the reference; block, e2e: default torch and cpp, run on the CPU)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write a bar chart of the speedups to this PNG")
 
@@ -82,14 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_macs(args) -> int:
-    from .macs import format_report, load_config, plot_report, schedule_macs
+def _check_plot_path(path: str) -> None:
+    """Raise a ValueError unless ``path`` names a file that can be written as a plot: an image extension
+    matplotlib writes, in an existing writable folder, not a folder itself."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path!r} is a folder; name a file in it, such as {os.path.join(path, 'plot.png')!r}.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--plot {path!r}: the folder {folder!r} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--plot {path!r}: the folder {folder!r} is not writable.")
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise ValueError(f"--plot {path!r} must end in an image extension matplotlib writes "
+                         f"({', '.join('.' + f for f in sorted(formats))}), e.g. .png.")
+
+
+def _write_plot(write: Callable[[str], None], path: str) -> None:
+    """Call ``write(path)``; a ValueError saying why when the file cannot be written."""
+    try:
+        write(path)
+    except OSError as error:
+        raise ValueError(f"cannot write --plot {path!r}: {error.strerror or error}.") from None
+
+
+def _run_macs(args) -> int:
+    from .macs import format_report, load_config, load_vae_scale, plot_report, schedule_macs
+
+    if args.plot:
+        _check_plot_path(args.plot)
     config = load_config(args.config)
     report = schedule_macs(config, args.height, args.width, args.steps, args.batch, config_from_args(args),
-                           text_tokens=args.text_tokens)
+                           text_tokens=args.text_tokens, vae_scale=load_vae_scale(args.config))
     if args.plot:
-        plot_report(report, args.plot)
+        _write_plot(lambda path: plot_report(report, path), args.plot)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -97,12 +129,55 @@ def _run_macs(args) -> int:
     return 0
 
 
+def _check_demo_args(args) -> None:
+    """Raise a ValueError before any work when the demo's options cannot run: an image larger than the
+    tiny model's positional table, an output folder that is missing or read-only, a backend that does not
+    run on the CPU (where the demo runs)."""
+    import torch
+
+    from .demo import DEMO_SPEC
+    from .ops import ops_for
+
+    # The demo's VAE does not down-sample: one token is patch_size x patch_size pixels.
+    largest = DEMO_SPEC.sample_size // DEMO_SPEC.patch_size * DEMO_SPEC.patch_size
+    if args.size > largest:
+        raise ValueError(f"--size {args.size} is larger than the demo model's positional table allows; "
+                         f"use at most {largest}.")
+    if not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is not a folder.")
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f"--out {args.out!r} is not writable.")
+    ops_for(args.backend, torch.device("cpu"))
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' import-time notices (the demo has no text encoders or image processors)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.set_verbosity_error()
+
+
+def _run_demo(args) -> int:
+    _check_demo_args(args)
+    _quiet_transformers()
+    from .demo import run_demo
+
+    run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out)
+    return 0
+
+
 def _run_bench(args) -> int:
     from .bench import bench_block_share, bench_e2e, bench_kernels, machine_info
 
+    if args.plot:
+        _check_plot_path(args.plot)
+    requested = list(dict.fromkeys(args.backends)) if args.backends else None
     info = machine_info()
     if args.what == "kernels":
-        rows = bench_kernels([(64, 64), (32, 32), (48, 84)], rounds=args.rounds, progress=not args.json)
+        rows = bench_kernels([(64, 64), (32, 32), (48, 84)], rounds=args.rounds, progress=not args.json,
+                             backends=requested)
         result = {"machine": info, "kernels": [asdict(r) for r in rows]}
         labels = [f"{r.op}\n{r.shape.split('-')[0]} {r.backend}" for r in rows if r.backend != "torch"]
         values = [r.speedup_vs_torch for r in rows if r.backend != "torch"]
@@ -110,7 +185,7 @@ def _run_bench(args) -> int:
         text += [f"{r.op:16}{r.shape:22}{r.backend:9}{r.device:7}{r.median_ms:>11.3f}{r.speedup_vs_torch:>9.2f}x"
                  for r in rows]
     elif args.what == "block":
-        backends = args.backends or ["torch", "cpp"]
+        backends = requested or ["torch", "cpp"]
         shares = bench_block_share(backends, rounds=args.rounds, progress=not args.json)
         result = {"machine": info, "block": [{**asdict(r), "share": r.share, "net_share": r.net_share}
                                              for r in shares]}
@@ -122,7 +197,7 @@ def _run_bench(args) -> int:
         text += [f"  {r.backend:8}{r.phase:5}{r.added_seconds * 1e3:>9.1f} ms  {r.share:.2%} of the block "
                  f"({r.net_share:.2%} net of the block work the fused ops replace)" for r in shares]
     else:
-        backends = args.backends or ["torch", "cpp"]
+        backends = requested or ["torch", "cpp"]
         result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json)}
         labels, values = backends, [result["speedup"][b] for b in backends]
         (gh, gw), (sh, sw) = result["grids"]["sdtm"], result["grids"]["unmerged_equal_tokens"]
@@ -138,7 +213,8 @@ def _run_bench(args) -> int:
     if args.plot:
         title = ("sdtm bench block: % of the block's time added" if args.what == "block"
                  else f"sdtm bench {args.what}: speedup over torch/unmerged")
-        _bar_plot(labels, values, args.plot, title)
+        ylabel = "% of the block's time" if args.what == "block" else "speedup"
+        _write_plot(lambda path: _bar_plot(labels, values, path, title, ylabel), args.plot)
     if args.json:
         print(json.dumps(result))
     else:
@@ -148,7 +224,7 @@ def _run_bench(args) -> int:
     return 0
 
 
-def _bar_plot(labels, values, path: str, title: str) -> None:
+def _bar_plot(labels, values, path: str, title: str, ylabel: str = "speedup") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,8 +233,9 @@ def _bar_plot(labels, values, path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set_ylabel("speedup")
+    if ylabel == "speedup":
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -170,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out)
-            return 0
+            return _run_demo(args)
         if args.command == "generate":
             from . import generate
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import reference as R
 from .config import SDTMConfig
 from .macs import schedule_macs
-from .ops import cpp_unavailable_reason, ops_for, triton_unavailable_reason
+from .ops import check_backend, cpp_unavailable_reason, ops_for, triton_unavailable_reason
 from .patch import apply_sdtm, remove_sdtm
 from .plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
@@ -49,6 +49,27 @@ def available_backends() -> list[tuple[str, torch.device]]:
         if triton_unavailable_reason(torch.device("cuda")) is None:
             pairs.append(("triton", torch.device("cuda")))
     return pairs
+
+
+def kernel_backends(backends: list[str] | None = None) -> list[tuple[str, torch.device]]:
+    """The (backend, device) pairs of ``available_backends`` to time: all of them (``backends`` None), or
+    torch (the reference of every speedup) and ``backends``; ValueError naming a backend that cannot run."""
+    pairs = available_backends()
+    if backends is None:
+        return pairs
+    for name in backends:
+        if name not in {n for n, _ in pairs}:
+            check_backend(name)  # raises with the reason when the backend is missing altogether
+            raise ValueError(f"backend={name!r} cannot run here: the kernel benchmark runs cpp on the CPU and "
+                             "triton on a CUDA device; leave it out of --backends.")
+    return [(n, d) for n, d in pairs if n == "torch" or n in backends]
+
+
+def check_cpu_backends(backends: list[str]) -> None:
+    """Raise a ValueError saying why one of ``backends`` cannot run on CPU tensors (the end-to-end and
+    block benchmarks run on the CPU)."""
+    for name in backends:
+        ops_for(name, torch.device("cpu"))
 
 
 def _sync(device: torch.device) -> None:
@@ -97,13 +118,15 @@ def kernel_calls(ops, x, priority, grid: Grid, plans) -> dict[str, Callable[[], 
 
 
 def bench_kernels(grids: list[tuple[int, int]], channels: int = 1536, batch: int = 2, rounds: int = 7,
-                  progress: bool = True) -> list[KernelRow]:
-    """Each op on each available backend at each grid (float32), medians and speedups over torch."""
+                  progress: bool = True, backends: list[str] | None = None) -> list[KernelRow]:
+    """Each op on each available backend (or torch and ``backends``) at each grid (float32), medians and
+    speedups over torch."""
+    pairs = kernel_backends(backends)
     rows = []
     for grid_h, grid_w in grids:
         grid = Grid(grid_h, grid_w, 2, 2)
         shape = f"N{grid.num_tokens}-{grid_h}x{grid_w}-C{channels}"
-        for device in sorted({d for _, d in available_backends()}, key=str):
+        for device in sorted({d for _, d in pairs}, key=str):
             g = torch.Generator().manual_seed(0)
             x = torch.randn(batch, grid.num_tokens, channels, generator=g).to(device)
             age = torch.randint(0, 6, (batch, grid.num_tokens), generator=g).float().to(device)
@@ -114,10 +137,10 @@ def bench_kernels(grids: list[tuple[int, int]], channels: int = 1536, batch: int
             src_idx, dst_idx = idm_candidates(grid, position)
             score, best = R.bipartite_match(x, src_idx, dst_idx, priority, 0.05)
             idm = idm_plan(grid, grid.num_tokens // 2, src_idx, dst_idx, score, best, False)
-            backends = [name for name, d in available_backends() if d == device]
+            names = [name for name, d in pairs if d == device]
             per_backend = {name: kernel_calls(ops_for(name, device), x, priority, grid, (ssm, idm, src_idx, dst_idx))
-                           for name in backends}
-            for op in per_backend[backends[0]]:
+                           for name in names}
+            for op in per_backend[names[0]]:
                 medians = interleaved_medians({name: calls[op] for name, calls in per_backend.items()}, rounds,
                                               device, progress)
                 for name, seconds in medians.items():
@@ -137,7 +160,9 @@ def sd3_shaped_transformer(num_layers: int = 2, heads: int = 12, sample_size: in
         num_attention_heads=heads, joint_attention_dim=4096, caption_projection_dim=heads * 64,
         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=sample_size // 2,
     )
-    return model.to(device, dtype).eval()
+    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even for models such as this one
+    # that have no module to keep in float32.
+    return torch.nn.Module.to(model, device=device, dtype=dtype).eval()
 
 
 class Denoiser:
@@ -180,6 +205,7 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
     per backend on ``latent`` (with the MAC ratio), and SDTM at ratio 0.5 in every step vs the unpatched
     model on ``small_latent``. The defaults (64 x 64 tokens -> 2080; 40 x 52 = 2080 tokens) compare
     equal token counts."""
+    check_cpu_backends(backends)
     transformer = sd3_shaped_transformer(num_layers=num_layers, heads=heads, sample_size=max(*latent, *small_latent))
 
     def patched(config, h=latent[0], w=latent[1]):
@@ -246,9 +272,10 @@ def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), head
     of the attention and MLP inputs (the latter fused with norm2 and the modulation) and the two fused
     unmerges (blend, cache refresh, gate, residual). The fused ops are counted whole although they also
     do the block's own norm, gate and residual work, so this is an upper bound of what SDTM adds."""
+    check_cpu_backends(backends)
     from .block import compute_plan
     from .schedule import BlockAction, BlockMode, Phase
-    from .state import SDTMState
+    from .state import BlockLink, CallStream, SDTMState
 
     transformer = sd3_shaped_transformer(num_layers=2, heads=heads, sample_size=2 * max(grid))
     block = transformer.transformer_blocks[0]
@@ -280,14 +307,18 @@ def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), head
     def sdtm_added(backend: str, phase: Phase) -> Callable[[], object]:
         ops = ops_for(backend, hidden.device)
         state = SDTMState(SDTMConfig(backend=backend), num_layers=1)
-        state.grid = layout
+        state.grid, state.ops = layout, ops
         action = BlockAction(BlockMode.MERGED, phase, reduce_num=layout.num_tokens // 2, merge_attn=True,
                              merge_mlp=True)
+        stream = CallStream(merge_age=torch.zeros(batch, layout.num_tokens, dtype=torch.int32))
+        link = BlockLink(state, 0, action=action, stream=stream,
+                         remove=torch.empty(action.reduce_num, dtype=torch.uint8),
+                         dst_draw=torch.randint(layout.window_size, (batch, layout.num_windows), generator=g))
         mcw = state.config.mcw
 
         def run():
-            state.streams.clear()
-            plan = compute_plan(state, action, metric, ops)
+            stream.merge_age.zero_()  # every run is a generation's first merge
+            plan = compute_plan(link, metric, ops)
             ops.merge(metric, plan.slot, plan.members, plan.offsets, False)
             y = torch.empty(batch, plan.num_merged, channels)  # stands for the sub-layer outputs
             ops.unmerge_into(y, plan.slot, plan.blend, caches[0], gate, hidden, mcw, spare, caches[0])

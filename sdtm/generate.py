@@ -1,21 +1,33 @@
 """``sdtm generate``: images from a local diffusers SD3 / SD3.5 folder, with or without SDTM.
 
 One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, see ``sdtm.prompts``), and
-``OUT/manifest.json``::
+``OUT/manifest.json`` (strict JSON: no NaN or Infinity)::
 
     {"settings": {"model", "prompts", "steps", "height", "width", "guidance", "batch_size", "seed",
                   "dtype", "device", "world_size", "sdtm": {...} or null},
-     "images": [{"index", "id", "prompt", "seed", "file", "seconds", "macs"}, ...]}   # prompt-list order
+     "images": [{"index", "id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...],
+     "other_images": [{"id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...]}
 
-Image ``i`` of the prompt list starts from the noise of seed ``--seed + i``; before each pipeline call
-torch's global RNG (from which SDTM forks its random window destinations) is seeded with the seed of
-the batch's first image. With ``--batch-size 1`` every image is therefore the same whatever the sharding
-or resuming; larger batches share SDTM's random draws within a batch. ``seconds`` is the batch's wall
-time divided by its size; ``macs`` is null (not measured).
+``images`` follows the prompt list. Image ``i`` of the prompt list starts from the noise of seed
+``--seed + i``; before each pipeline call torch's global RNG (from which SDTM forks its random window
+destinations) is seeded with the seed of the batch's first image. With ``--batch-size 1`` every image is
+therefore the same whatever the sharding or resuming; larger batches share SDTM's random draws within a
+batch. ``seconds`` is the batch's wall time divided by its size; ``macs`` is null (not measured). Every
+component of the pipeline is cast to ``--dtype`` after loading (except the sub-modules a model keeps in
+float32 on purpose, such as T5's ``wo`` under float16).
 
-Resuming: a prompt whose PNG exists is skipped and keeps its previous manifest entry. PNGs and the
+Resuming: a prompt whose PNG exists is skipped. The previous manifest's record for the same file name
+must name the same prompt text and seed, else the run stops before loading the model (use a new --out
+or delete those images); a PNG without a record is kept as it is. A kept record that was made with other
+image-changing settings (model, steps, height, width, guidance, dtype, sdtm) than this run carries them
+under ``settings`` (and a warning says so). ``other_images`` keeps the records of earlier PNGs in OUT
+that the current prompt list does not produce, so a later run can still check them. PNGs and the
 manifest are written to a temporary file in OUT and renamed, so an interrupted run leaves only finished
 files; the manifest is rewritten after every batch.
+
+Exit codes: 2 for bad arguments or files, found before the model is loaded where possible (one line
+``sdtm generate: <reason>`` on stderr); 1 when a PNG or the manifest cannot be written later (one line
+``sdtm generate: cannot write <path>: <reason>``).
 
 Several processes: under ``torchrun --nproc_per_node=N`` (RANK / WORLD_SIZE / LOCAL_RANK set) prompt ``i``
 goes to rank ``i % N``, CUDA ranks use ``cuda:LOCAL_RANK`` (NCCL), CPU ranks gloo; rank 0 writes the
@@ -28,6 +40,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import re
 import secrets
@@ -49,7 +62,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Ranks that finish early wait at the final gather for the slowest one, possibly for hours.
 COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 _TEMP_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")
-_SETTINGS_THAT_CHANGE_IMAGES = ("model", "steps", "height", "width", "guidance", "seed", "dtype", "sdtm")
+# The seed is not listed: each record holds its image's own seed, which must match to keep the image.
+_SETTINGS_THAT_CHANGE_IMAGES = ("model", "steps", "height", "width", "guidance", "dtype", "sdtm")
+_RECORD_LISTS = ("images", "other_images")
+_QUOTED_PROMPT_LENGTH = 40
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -76,7 +92,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=positive_int, default=1024, help="pixels (default 1024)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts per pipeline call (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="image i of the prompt list uses seed + i (default 0)")
-    parser.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7.0)")
+    parser.add_argument("--guidance", type=float, default=7.0,
+                        help="classifier-free guidance scale, finite and >= 0; <= 1 switches guidance off "
+                             "(default 7.0)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="model dtype (default float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -102,6 +120,15 @@ class Ranks:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+class OutputError(Exception):
+    """A file in the output folder could not be written (or removed) during the run."""
+
+    def __init__(self, path: str, error: OSError, action: str = "write") -> None:
+        self.path, self.action = path, action
+        self.reason = " ".join(str(error.strerror or error).split())
+        super().__init__(f"cannot {action} {path}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -138,51 +165,70 @@ class Job:
             "sdtm": dataclasses.asdict(self.sdtm) if self.sdtm is not None else None,
         }
 
-    def record(self, index: int, seconds: float | None) -> dict:
+    def image_settings(self) -> dict:
+        """The settings besides prompt and seed that change the images."""
+        settings = self.settings()
+        return {key: settings[key] for key in _SETTINGS_THAT_CHANGE_IMAGES}
+
+    def record(self, index: int, seconds: float | None, macs: float | None = None) -> dict:
         prompt = self.prompts[index]
         return {"index": index, "id": prompt.id, "prompt": prompt.text, "seed": self.seed + index,
-                "file": self.file(index), "seconds": seconds, "macs": None}
+                "file": self.file(index), "seconds": seconds, "macs": macs}
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate every missing image of the prompt list; returns the exit code (2: bad arguments or files,
     after one line ``sdtm generate: <reason>`` on stderr, from rank 0 only under torchrun since every rank
-    checks the same arguments)."""
+    checks the same arguments; 1: a file in OUT could not be written, after one such line)."""
     rank = 0
     try:
         ranks = ranks_from_env()
         rank = ranks.rank
         job = job_from_args(args, ranks)
         previous = read_manifest(job.out)
+        check_existing_images(job, previous)
     except ValueError as error:
         return _usage_error(error, show=rank == 0)
+    existing = {i for i in range(len(job.prompts)) if os.path.exists(job.path(i))}
     mine = list(range(ranks.rank, len(job.prompts), ranks.world_size))
-    pending = [i for i in mine if not os.path.exists(job.path(i))]
+    pending = [i for i in mine if i not in existing]
+    records = _kept_records(job, previous, existing) if rank == 0 else {}
+    others = _other_records(job, previous) if rank == 0 else []
+    if rank == 0:
+        _warn_on_changed_settings(job, records)
     try:
         pipe = load_pipeline(job) if pending else None
     except ValueError as error:
         return _usage_error(error, show=True, prefix=f"rank {rank}: " if ranks.distributed else "")
-    _remove_stale_temps(job.out, {job.file(i) for i in mine} | ({MANIFEST_NAME} if rank == 0 else set()))
+    try:
+        _remove_stale_temps(job.out, {job.file(i) for i in mine} | ({MANIFEST_NAME} if rank == 0 else set()))
+        _run_job(job, pipe, pending, records, others)
+    except OutputError as error:
+        print(f"sdtm generate: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_job(job: Job, pipe: Any, pending: list[int], records: dict[int, dict], others: list[dict]) -> None:
+    """Generate ``pending`` (this rank's missing images); rank 0 writes the manifest: ``records`` (those of
+    the images kept, then of the new ones) and ``others`` (see ``_other_records``)."""
+    rank = job.ranks.rank
     with _process_group(job):
-        records = _kept_records(job, previous) if rank == 0 else {}
-        if rank == 0:
-            _warn_on_changed_settings(job, previous)
         new: dict[int, dict] = {}
         for batch_records in _generate(job, pipe, pending):
             new.update(batch_records)
             if rank == 0:
                 records.update(batch_records)
-                write_manifest(job, records)
-        if ranks.distributed:
+                write_manifest(job, records, others)
+        if job.ranks.distributed:
             import torch.distributed as dist
 
-            gathered: list[dict[int, dict]] | None = [{} for _ in range(ranks.world_size)] if rank == 0 else None
+            gathered: list[dict[int, dict]] | None = [{} for _ in range(job.ranks.world_size)] if rank == 0 else None
             dist.gather_object(new, gathered, dst=0)
             for part in gathered or []:
                 records.update(part)
         if rank == 0:
-            write_manifest(job, records)
-    return 0
+            write_manifest(job, records, others)
 
 
 def _usage_error(error: ValueError, show: bool, prefix: str = "") -> int:
@@ -212,30 +258,93 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise ValueError(f"--guidance must be a finite number >= 0 (values <= 1 switch guidance off), "
+                         f"got {args.guidance}.")
     prompts = single_prompt(args.prompt) if args.prompt is not None else load_prompts(args.prompts)
     if args.seed < 0 or args.seed + len(prompts) > 2**63:
         raise ValueError(f"--seed must lie in [0, 2**63 - {len(prompts)}] for {len(prompts)} prompts, got {args.seed}.")
-    try:
-        sdtm = config_from_args(args)
-    except TypeError as error:
-        raise ValueError(str(error)) from None
+    sdtm = sdtm_from_args(args)
     device = resolve_device(args.device, ranks)
     if sdtm is not None:
         from .ops import ops_for
 
         ops_for(sdtm.backend, device)  # raises ValueError if the backend cannot run on this device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {args.out!r} exists and is not a folder.")
+    for option in ("model", "prompts", "out"):
+        _check_utf8_path(option, getattr(args, option))
+    out = prepare_output_folder(args.out)
+    job = Job(model=os.path.abspath(args.model), prompts_file=args.prompts and os.path.abspath(args.prompts),
+              prompts=prompts, out=out, steps=args.steps, height=args.height, width=args.width,
+              batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, dtype=dtype, device=device,
+              sdtm=sdtm, ranks=ranks)
     try:
-        os.makedirs(out, exist_ok=True)
+        manifest_bytes(job, {})
+    except ValueError as error:  # a backstop: the checks above should leave nothing unwritable
+        raise ValueError(f"the settings cannot be written to {MANIFEST_NAME}: {error}.") from None
+    return job
+
+
+def sdtm_from_args(args: argparse.Namespace) -> SDTMConfig | None:
+    """The SDTM settings (None with --no-sdtm); raises ValueError on a bad value, on a number that is not
+    finite (it could not be recorded in the manifest), and on SDTM options given with --no-sdtm (they
+    would be ignored)."""
+    fields = dataclasses.fields(SDTMConfig)
+    if getattr(args, "no_sdtm", False):
+        defaults = SDTMConfig()
+        given = [_flag(f.name) for f in fields if getattr(args, f.name, getattr(defaults, f.name))
+                 != getattr(defaults, f.name)]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with "
+                             "--no-sdtm; drop one or the other.")
+        return None
+    for field in fields:
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{_flag(field.name)} must be a finite number, got {value}.")
+    try:
+        return config_from_args(args)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+
+
+def prepare_output_folder(out: str) -> str:
+    """The absolute path of ``--out``, created if missing and checked to be writable; raises ValueError."""
+    folder = os.path.abspath(out)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out {out!r} exists and is not a folder.")
+    try:
+        os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot create --out {args.out!r}: {error.strerror or error}.") from None
-    return Job(model=os.path.abspath(args.model), prompts_file=args.prompts and os.path.abspath(args.prompts),
-               prompts=prompts, out=out, steps=args.steps, height=args.height, width=args.width,
-               batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, dtype=dtype, device=device,
-               sdtm=sdtm, ranks=ranks)
+        raise ValueError(f"cannot create --out {out!r}: {error.strerror or error}.") from None
+    check_writable(folder, out)
+    return folder
+
+
+def check_writable(folder: str, shown: str) -> None:
+    """Create and remove a probe file in ``folder``; raises ValueError naming ``shown`` if that fails
+    (``os.access`` says yes to root whatever the folder)."""
+    probe = os.path.join(folder, f".sdtm-write-check.{secrets.token_hex(6)}.tmp")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write to --out {shown!r}: {error.strerror or error}.") from None
+
+
+def _check_utf8_path(option: str, path: str | None) -> None:
+    """Paths are recorded in the manifest, which is UTF-8."""
+    if path is None:
+        return
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"--{option} {path!r} is not valid UTF-8, so the manifest cannot record it; "
+                         "rename it.") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def model_geometry(model: str) -> tuple[int, int, int | None]:
@@ -269,17 +378,26 @@ def check_size(height: int, width: int, vae_scale: int, patch_size: int, max_gri
 
 
 def resolve_device(requested: str | None, ranks: Ranks) -> torch.device:
-    """The device to run on: ``requested`` or cuda/cpu; under torchrun a CUDA device is cuda:LOCAL_RANK."""
+    """The device to run on: ``requested`` or cuda/cpu; under torchrun a CUDA device is cuda:LOCAL_RANK
+    (an explicit other index is refused rather than ignored)."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1).") from None
+    if device.type == "cpu":
+        return device
     if device.type != "cuda":
+        backend = getattr(torch, device.type, None)
+        if device.type == "meta" or not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+            raise ValueError(f"--device {name!r}: no such device is available on this machine.")
         return device
     if not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: CUDA is not available on this machine.")
     if ranks.distributed:
+        if device.index is not None and device.index != ranks.local_rank:
+            raise ValueError(f"--device {name!r}: under torchrun rank {ranks.rank} uses cuda:{ranks.local_rank} "
+                             "(its LOCAL_RANK); pass --device cuda.")
         device = torch.device("cuda", ranks.local_rank)
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"{device} does not exist: {torch.cuda.device_count()} CUDA device(s).")
@@ -303,46 +421,162 @@ def load_pipeline(job: Job) -> Any:
             pipe = StableDiffusion3Pipeline.from_pretrained(job.model, torch_dtype=job.dtype, local_files_only=True)
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot load a StableDiffusion3Pipeline from {job.model!r}: {error}") from None
-    pipe.to(job.device)
+    cast_components(pipe, job.dtype)
+    # float16 runs on the CPU with this torch (the tests generate with it); no need for diffusers' warning.
+    pipe.to(job.device, silence_dtype_warnings=True)
     pipe.set_progress_bar_config(disable=True)
     if job.sdtm is not None:
         apply_sdtm(pipe, job.sdtm)
     return pipe
 
 
+def cast_components(pipe: Any, dtype: torch.dtype) -> None:
+    """Put every floating-point parameter and buffer of the pipeline's torch modules in ``dtype``.
+
+    ``from_pretrained(torch_dtype=...)`` does not guarantee it: without ``accelerate``, diffusers loads a
+    checkpoint by assigning its tensors (keeping the checkpoint's dtype) whenever the model's first
+    state-dict entry already has the checkpoint's dtype; SD3's first entry is the positional table, a
+    buffer always built in float32, so a float32 checkpoint leaves the whole transformer in float32.
+    Tensors that a model keeps in float32 on purpose (``_keep_in_fp32_modules``, e.g. T5's ``wo`` under
+    float16; ``_keep_in_fp32_modules_strict``) stay as loaded. Raises ValueError if anything else is
+    left in another dtype."""
+    stray = []
+    for name, component in _torch_components(pipe):
+        kept = _kept_in_float32(component, dtype)
+        for prefix, module in component.named_modules():
+            for key, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != dtype and not kept(_join(prefix, key)):
+                    param.data = param.data.to(dtype)
+            for key, buffer in module.named_buffers(recurse=False):
+                if buffer.is_floating_point() and buffer.dtype != dtype and not kept(_join(prefix, key)):
+                    module._buffers[key] = buffer.to(dtype)
+        stray += [f"{name}.{key} ({tensor.dtype})" for key, tensor in _floating_tensors(component)
+                  if tensor.dtype != dtype and not (tensor.dtype == torch.float32 and kept(key))]
+    if stray:
+        raise ValueError(f"{len(stray)} tensor(s) of the pipeline are not in {dtype} after loading, e.g. "
+                         f"{', '.join(stray[:3])}.")
+
+
+def _torch_components(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    return [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+
+
+def _floating_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return [(key, tensor) for key, tensor in tensors if tensor.is_floating_point()]
+
+
+def _kept_in_float32(component: torch.nn.Module, dtype: torch.dtype) -> Callable[[str], bool]:
+    """A test of whether a tensor (by qualified name) of ``component`` is one the model keeps in float32
+    under ``dtype``, matched by name as transformers and diffusers match these lists."""
+    patterns: list[str] = []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += list(getattr(component, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        patterns += list(getattr(component, "_keep_in_fp32_modules", None) or [])
+    return lambda name: any(pattern in name for pattern in patterns)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
 def read_manifest(out: str) -> dict:
-    """The manifest in ``out`` ({} if none); raises ValueError if it is not a manifest."""
+    """The manifest in ``out`` ({} if none); raises ValueError if it is not a manifest: not strict JSON,
+    a record list that is not a list, a record that is not an object with a string ``file`` (a plain file
+    name) and ``prompt``, integer ``seed`` / ``index``, numeric or null ``seconds`` / ``macs`` and an
+    object ``settings`` where present, or a file listed twice."""
     path = os.path.join(out, MANIFEST_NAME)
     if not os.path.exists(path):
         return {}
-    manifest = _read_json_object(path)
-    if not isinstance(manifest.get("images", []), list):
-        raise ValueError(f"{path} is not a manifest ('images' is not a list); move it away to start afresh.")
+    try:
+        manifest = _read_json_object(path, strict=True)
+    except ValueError as error:
+        raise ValueError(f"{str(error).rstrip('.')}; move it away to start afresh.") from None
+    if not isinstance(manifest.get("settings", {}), dict):
+        raise ValueError(f"{path} is not a manifest ('settings' is not an object); move it away to start afresh.")
+    files: set[str] = set()
+    for key in _RECORD_LISTS:
+        records = manifest.get(key, [])
+        if not isinstance(records, list):
+            raise ValueError(f"{path} is not a manifest ({key!r} is not a list); move it away to start afresh.")
+        for number, record in enumerate(records):
+            problem = _record_problem(record, files)
+            if problem:
+                raise ValueError(f"{path}: {key}[{number}] {_cut(json.dumps(record, ensure_ascii=False), 80)} "
+                                 f"{problem}; move the manifest away to start afresh.")
+            files.add(record["file"])
     return manifest
 
 
-def write_manifest(job: Job, records: dict[int, dict]) -> None:
-    """Write ``OUT/manifest.json`` (atomically): the settings and ``records`` in prompt-list order."""
-    manifest = {"settings": job.settings(), "images": [records[i] for i in sorted(records)]}
-    data = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+def _record_problem(record: Any, files: set[str]) -> str | None:
+    """What is wrong with one manifest record (None if nothing); ``files``: the file names seen before."""
+    if not isinstance(record, dict):
+        return "is not an object"
+    for key in ("file", "prompt"):
+        if not isinstance(record.get(key), str):
+            return f"needs a string {key!r}, got {_json_type(record.get(key), key in record)}"
+    name = record["file"]
+    if not name or name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        return "names a 'file' that is not a plain file name"
+    if name in files:
+        return f"lists {name!r} a second time"
+    for key in ("seed", "index"):
+        if key in record and (isinstance(record[key], bool) or not isinstance(record[key], int)):
+            return f"needs an integer {key!r}, got {_json_type(record[key], True)}"
+    for key in ("seconds", "macs"):
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"needs a number or null as {key!r}, got {_json_type(value, True)}"
+    if not isinstance(record.get("settings", {}), dict):
+        return f"needs an object as 'settings', got {_json_type(record['settings'], True)}"
+    return None
+
+
+def _json_type(value: Any, present: bool) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__) if present else "nothing"
+
+
+def manifest_bytes(job: Job, records: dict[int, dict], others: list[dict] | None = None) -> bytes:
+    """The manifest (strict JSON, UTF-8): the settings, ``records`` in prompt-list order and ``others``
+    (records of earlier images outside the prompt list); raises ValueError if a value cannot be written."""
+    manifest: dict[str, Any] = {"settings": job.settings(), "images": [records[i] for i in sorted(records)]}
+    if others:
+        manifest["other_images"] = others
+    return (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def write_manifest(job: Job, records: dict[int, dict], others: list[dict] | None = None) -> None:
+    """Write ``OUT/manifest.json`` (atomically), see ``manifest_bytes``; raises OutputError if it cannot."""
+    data = manifest_bytes(job, records, others)
     write_atomically(os.path.join(job.out, MANIFEST_NAME), lambda f: f.write(data))
 
 
 def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
     """Call ``write`` on a binary file object of a new temporary file next to ``path`` (a hidden
-    ``.<name>.<12 hex>.tmp``), then rename it to ``path``; on failure the temporary file is removed."""
+    ``.<name>.<12 hex>.tmp``), then rename it to ``path``; on failure the temporary file is removed, and
+    an OSError becomes an OutputError naming ``path``."""
     folder, name = os.path.split(path)
     temp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        raise OutputError(path, error) from error
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
+    except BaseException as error:
+        try:
             os.remove(temp)
+        except OSError:
+            pass
+        if isinstance(error, OSError):
+            raise OutputError(path, error) from error
         raise
 
 
@@ -367,35 +601,117 @@ def _generate(job: Job, pipe: Any, pending: list[int]) -> Iterator[dict[int, dic
         yield records
 
 
-def _kept_records(job: Job, previous: dict) -> dict[int, dict]:
-    """Records of the prompts whose PNG exists: the previous manifest's entry for the same file if there
-    is one (re-indexed), else a record without timing."""
-    by_file = {r.get("file"): r for r in previous.get("images", []) if isinstance(r, dict)}
-    kept = {}
+def check_existing_images(job: Job, previous: dict) -> None:
+    """Refuse (ValueError) a PNG of the prompt list that exists but is not a file, and PNGs whose record
+    in the previous manifest (looked up by file name) names another prompt text or seed than the prompt
+    they now stand for: keeping them would label an image with a prompt it was not made from."""
+    by_file = _records_by_file(previous)
+    mismatches = []
     for index in range(len(job.prompts)):
-        if os.path.exists(job.path(index)):
-            old = by_file.get(job.file(index))
-            kept[index] = dict(old, index=index) if old is not None else job.record(index, None)
+        path = job.path(index)
+        if not os.path.exists(path):
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} exists and is not a file; move it away.")
+        old = by_file.get(job.file(index))
+        if old is not None and (old["prompt"], old.get("seed")) != (job.prompts[index].text, job.seed + index):
+            mismatches.append((index, old))
+    if not mismatches:
+        return
+    index, old = mismatches[0]
+    old_seed = old.get("seed", "unknown")
+    raise ValueError(
+        f"{job.path(index)} was made from prompt {_shorten(old['prompt'])} (seed {old_seed}) but now stands for "
+        f"prompt {_shorten(job.prompts[index].text)} (seed {job.seed + index}); {len(mismatches)} existing "
+        f"image(s) in {job.out} do not match the prompt list and seeds (image i uses --seed + i); use a new --out "
+        "or delete those images.")
+
+
+def _records_by_file(previous: dict) -> dict[str, dict]:
+    """The previous manifest's records (``images`` and ``other_images``) by file name; ``settings`` of
+    each: the image-changing settings it was made with where known (its own, else the manifest's)."""
+    top = previous.get("settings") or {}
+    known = {key: top[key] for key in _SETTINGS_THAT_CHANGE_IMAGES if key in top}
+    by_file = {}
+    for key in _RECORD_LISTS:
+        for record in previous.get(key, []):
+            made_with = record.get("settings", known)
+            by_file[record["file"]] = dict(record, settings=made_with)
+    return by_file
+
+
+def _with_settings(record: dict, made_with: dict, job: Job) -> dict:
+    """``record`` with ``settings``: ``made_with`` if it differs from this run's, else none."""
+    current = job.image_settings()
+    record = {key: value for key, value in record.items() if key != "settings"}
+    if any(current.get(key) != value for key, value in made_with.items()):
+        record["settings"] = made_with
+    return record
+
+
+def _kept_records(job: Job, previous: dict, existing: set[int]) -> dict[int, dict]:
+    """Records of the prompts whose PNG existed at the start (``existing``, already checked against the
+    previous manifest): made from the prompt list, with the timing of the previous record for the same
+    file if there is one, and ``settings`` if that image was made with other settings."""
+    by_file = _records_by_file(previous)
+    kept = {}
+    for index in sorted(existing):
+        old = by_file.get(job.file(index))
+        if old is None:
+            kept[index] = job.record(index, None)
+        else:
+            record = job.record(index, old.get("seconds"), old.get("macs"))
+            kept[index] = _with_settings(record, old["settings"], job)
     return kept
 
 
-def _warn_on_changed_settings(job: Job, previous: dict) -> None:
-    old = previous.get("settings")
-    if not isinstance(old, dict):
+def _other_records(job: Job, previous: dict) -> list[dict]:
+    """Records of the previous manifest for PNGs that still exist in OUT but that this prompt list does
+    not produce (kept so a later run can check them), sorted by file name."""
+    ours = {job.file(index) for index in range(len(job.prompts))}
+    others = []
+    for name, record in sorted(_records_by_file(previous).items()):
+        if name not in ours and name.endswith(".png") and os.path.isfile(os.path.join(job.out, name)):
+            carried = {key: value for key, value in record.items() if key != "index"}
+            others.append(_with_settings(carried, record["settings"], job))
+    return others
+
+
+def _warn_on_changed_settings(job: Job, kept: dict[int, dict]) -> None:
+    """Warn when kept images were made with other image-changing settings than this run's."""
+    new = job.image_settings()
+    made_with = [record["settings"] for record in kept.values() if "settings" in record]
+    if not made_with:
         return
-    new = job.settings()
-    changed = []
-    for key in _SETTINGS_THAT_CHANGE_IMAGES:
-        if key not in old or old[key] == new[key]:
+    changed = dict.fromkeys(change for old in made_with for change in _changes(old, new))
+    details = f" ({'; '.join(changed)})" if changed else ""
+    print(f"sdtm generate: warning: {len(made_with)} existing image(s) in {job.out} were made with other "
+          f"settings{details}; they are kept and their records in {MANIFEST_NAME} list those settings; "
+          "delete them to regenerate.", file=sys.stderr)
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    """``key old -> new`` for each setting of ``old`` that ``new`` sets otherwise (``sdtm.<field>`` inside
+    the SDTM settings)."""
+    changes = []
+    for key, value in old.items():
+        if key not in new or value == new[key]:
             continue
-        if isinstance(old[key], dict) and isinstance(new[key], dict):
-            changed += [f"{key}.{k} {old[key].get(k)!r} -> {new[key].get(k)!r}"
-                        for k in sorted(set(old[key]) | set(new[key])) if old[key].get(k) != new[key].get(k)]
+        if isinstance(value, dict) and isinstance(new[key], dict):
+            changes += [f"{key}.{k} {value.get(k)!r} -> {new[key].get(k)!r}"
+                        for k in sorted(set(value) | set(new[key])) if value.get(k) != new[key].get(k)]
         else:
-            changed.append(f"{key} {old[key]!r} -> {new[key]!r}")
-    if changed:
-        print(f"sdtm generate: warning: {os.path.join(job.out, MANIFEST_NAME)} was written with other settings "
-              f"({'; '.join(changed)}); existing images are kept, delete them to regenerate.", file=sys.stderr)
+            changes.append(f"{key} {value!r} -> {new[key]!r}")
+    return changes
+
+
+def _shorten(text: str, length: int = _QUOTED_PROMPT_LENGTH) -> str:
+    """``text`` quoted, cut to ``length`` characters."""
+    return repr(_cut(text, length))
+
+
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[:length - 3] + "..."
 
 
 @contextmanager
@@ -418,20 +734,38 @@ def _process_group(job: Job) -> Iterator[None]:
 
 
 def _remove_stale_temps(out: str, names: set[str]) -> None:
-    """Remove temporary files an interrupted run left for ``names`` (files only this process writes)."""
-    for entry in os.listdir(out):
+    """Remove temporary files an interrupted run left for ``names`` (files only this process writes);
+    raises OutputError if one cannot be removed."""
+    try:
+        entries = os.listdir(out)
+    except OSError as error:
+        raise OutputError(out, error, action="list") from error
+    for entry in entries:
         match = _TEMP_NAME.match(entry)
         if match and match.group(1) in names:
-            os.remove(os.path.join(out, entry))
+            path = os.path.join(out, entry)
+            try:
+                os.remove(path)
+            except OSError as error:
+                raise OutputError(path, error, action="remove") from error
 
 
-def _read_json_object(path: str) -> dict:
+class _NonStandardJSON(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> None:
+    raise _NonStandardJSON(f"{name} is not standard JSON")
+
+
+def _read_json_object(path: str, strict: bool = False) -> dict:
+    """The JSON object in ``path``; ``strict``: NaN and Infinity are refused too. Raises ValueError."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, parse_constant=_reject_constant if strict else None)
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, _NonStandardJSON) as error:
         raise ValueError(f"{path} is not valid JSON ({error}).") from None
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror or error}.") from None

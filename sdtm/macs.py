@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import SDTMConfig
-from .schedule import BlockMode, Phase, block_action, sources_to_merge, windows_to_merge
+from .schedule import BlockAction, BlockMode, Phase, block_action, sources_to_merge, windows_to_merge
 
 TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens
 VAE_SCALE = 8
@@ -33,29 +33,127 @@ PRESETS: dict[str, dict] = {
     "sd3.5-large": dict(_SD3_COMMON, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                         pos_embed_max_size=192, qk_norm="rms_norm"),
 }
-_CONFIG_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
-                "num_attention_heads", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
-                "out_channels", "pos_embed_max_size", "dual_attention_layers", "qk_norm")
+_INT_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+             "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+             "pos_embed_max_size")
+# diffusers accepts null for these: out_channels then follows in_channels, and without a positional table
+# size the sin-cos table is computed for each input size.
+_NULLABLE_INT_KEYS = ("out_channels", "pos_embed_max_size")
+_CONFIG_KEYS = _INT_KEYS + ("dual_attention_layers", "qk_norm")
 
 
-def load_config(name_or_path: str) -> dict:
-    """A preset name, a transformer ``config.json``, or a diffusers folder (its transformer/config.json)."""
-    if name_or_path in PRESETS:
-        return dict(PRESETS[name_or_path])
+def _read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; ValueError when it cannot be read or holds something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}.")
+    return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_key(path: str, key: str, value) -> None:
+    """Raise a ValueError naming ``path`` and ``key`` when ``value`` is not what the transformer expects."""
+    if key in _INT_KEYS:
+        if value is None and key in _NULLABLE_INT_KEYS:
+            return
+        if not _is_int(value) or value < 1:
+            expected = "a positive int or null" if key in _NULLABLE_INT_KEYS else "a positive int"
+            raise ValueError(f"{path}: {key} must be {expected}, got {value!r}.")
+    elif key == "dual_attention_layers":
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in value):
+            raise ValueError(f"{path}: dual_attention_layers must be a list of layer indices (ints >= 0), "
+                             f"got {value!r}.")
+    elif key == "qk_norm" and value is not None and not isinstance(value, str):
+        raise ValueError(f"{path}: qk_norm must be null or a string such as \"rms_norm\", got {value!r}.")
+
+
+def validate_config(raw: dict, path: str) -> dict:
+    """The transformer keys of the config object ``raw`` read from ``path`` (lists as tuples), checked;
+    ValueError naming the file and the key otherwise."""
+    class_name = raw.get("_class_name", "SD3Transformer2DModel")
+    if class_name != "SD3Transformer2DModel":
+        raise ValueError(f"{path} is a {class_name!r} config, not an SD3Transformer2DModel one; pass the "
+                         "transformer's config.json or a diffusers SD3 folder.")
+    if "num_layers" not in raw:
+        raise ValueError(f"{path} has no num_layers; is it an SD3Transformer2DModel config.json?")
+    config = {k: v for k, v in raw.items() if k in _CONFIG_KEYS}
+    for key, value in config.items():
+        _check_key(path, key, value)
+    heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
+    caption_dim = config.get("caption_projection_dim", 1152)
+    if caption_dim != heads * head_dim:
+        raise ValueError(f"{path}: caption_projection_dim ({caption_dim}) must equal num_attention_heads x "
+                         f"attention_head_dim ({heads} x {head_dim} = {heads * head_dim}), the blocks' width.")
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+
+
+def build_meta_transformer(config: dict) -> torch.nn.Module:
+    """An ``SD3Transformer2DModel`` of ``config`` on the meta device (no weights, no memory); ValueError
+    when diffusers rejects the config."""
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        with torch.device("meta"):
+            return SD3Transformer2DModel(**config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"SD3Transformer2DModel cannot be built from this config: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def config_file(name_or_path: str) -> str:
+    """The transformer config file that ``--config name_or_path`` (not a preset) names."""
     path = name_or_path
     if os.path.isdir(path):
         candidates = [os.path.join(path, "transformer", "config.json"), os.path.join(path, "config.json")]
         path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     if not os.path.isfile(path):
         raise ValueError(f"--config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config file.")
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if raw.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel" or "num_layers" not in raw:
-        raise ValueError(f"{path} is not an SD3Transformer2DModel config.")
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in _CONFIG_KEYS}
+    return path
+
+
+def load_config(name_or_path: str) -> dict:
+    """A preset name, a transformer ``config.json``, or a diffusers folder (its transformer/config.json),
+    checked: ValueError naming the file, the key and what is expected."""
+    if name_or_path in PRESETS:
+        return dict(PRESETS[name_or_path])
+    path = config_file(name_or_path)
+    config = validate_config(_read_json_object(path), path)
+    try:
+        build_meta_transformer(config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config
+
+
+def load_vae_scale(name_or_path: str) -> int:
+    """The latent down-sampling factor for ``--config name_or_path``: ``2 ** (len(block_out_channels) - 1)``
+    of a diffusers folder's vae/config.json; SD3's 8 for presets and bare transformer config files."""
+    if name_or_path in PRESETS or not os.path.isdir(name_or_path):
+        return VAE_SCALE
+    if not os.path.isfile(os.path.join(name_or_path, "transformer", "config.json")):
+        return VAE_SCALE  # a transformer folder (config.json at its top): no VAE to read
+    path = os.path.join(name_or_path, "vae", "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {name_or_path!r} has no vae/config.json to read the latent factor from; pass "
+                         "its transformer/config.json instead to assume SD3's factor of 8.")
+    channels = _read_json_object(path).get("block_out_channels")
+    if not isinstance(channels, list) or not channels:
+        raise ValueError(f"{path}: block_out_channels must be a non-empty list (the latent factor is "
+                         f"2 ** (len(block_out_channels) - 1)), got {channels!r}.")
+    return 2 ** (len(channels) - 1)
 
 
 @dataclass
@@ -85,6 +183,7 @@ class MacReport:
     plan_macs: int
     per_step: list[StepMacs] = field(default_factory=list)
     phases: dict = field(default_factory=dict)
+    vae_scale: int = VAE_SCALE
 
     @property
     def mac_ratio(self) -> float:
@@ -100,10 +199,7 @@ class _MetaModel:
     """A meta-device transformer whose blocks are counted once per image token count."""
 
     def __init__(self, config: dict, batch: int, text_tokens: int):
-        from diffusers import SD3Transformer2DModel
-
-        with torch.device("meta"):
-            self.model = SD3Transformer2DModel(**config)
+        self.model = build_meta_transformer(config)
         self.batch, self.text_tokens = batch, text_tokens
         self.channels = self.model.inner_dim
 
@@ -142,46 +238,71 @@ class _MetaModel:
         return (counter.get_total_flops() - ff) // 2, ff // 2
 
 
+def _token_grid(config: dict, height: int, width: int, vae_scale: int) -> tuple[int, int]:
+    """The image token grid (rows, columns) of ``height`` x ``width`` pixels; ValueError when the size does
+    not divide into tokens or the grid exceeds the model's positional table."""
+    patch = config.get("patch_size", 2)
+    if height % (vae_scale * patch) or width % (vae_scale * patch):
+        raise ValueError(f"height and width must be multiples of {vae_scale * patch} (VAE factor {vae_scale} x "
+                         f"patch {patch}), got {height}x{width}.")
+    grid_h, grid_w = height // (vae_scale * patch), width // (vae_scale * patch)
+    max_grid = config.get("pos_embed_max_size", 96)
+    if max_grid is not None and max(grid_h, grid_w) > max_grid:
+        raise ValueError(f"{height}x{width} needs a {grid_h}x{grid_w} token grid, larger than the model's "
+                         f"positional table ({max_grid}); use at most {max_grid * vae_scale * patch} pixels a side.")
+    return grid_h, grid_w
+
+
 def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int = 2,
                   sdtm: SDTMConfig | None = None, text_tokens: int = TEXT_TOKENS,
                   vae_scale: int = VAE_SCALE) -> MacReport:
     """MACs of ``steps`` transformer calls at ``height`` x ``width`` pixels (latents ``vae_scale`` times
     smaller), without and with ``sdtm`` (default: SDTMConfig())."""
-    if height <= 0 or width <= 0 or steps <= 0 or batch <= 0:
-        raise ValueError("height, width, steps and batch must be positive.")
+    if min(height, width, steps, batch, text_tokens, vae_scale) <= 0:
+        raise ValueError("height, width, steps, batch, text_tokens and vae_scale must be positive.")
     sdtm = sdtm or SDTMConfig()
-    patch = config.get("patch_size", 2)
-    if height % (vae_scale * patch) or width % (vae_scale * patch):
-        raise ValueError(f"height and width must be multiples of {vae_scale * patch}, got {height}x{width}.")
-    latent_h, latent_w = height // vae_scale, width // vae_scale
-    grid_h, grid_w = latent_h // patch, latent_w // patch
-    if max(grid_h, grid_w) > config.get("pos_embed_max_size", 96):
-        raise ValueError(f"{height}x{width} needs a {grid_h}x{grid_w} token grid, larger than the model's "
-                         f"positional table ({config.get('pos_embed_max_size')}).")
+    grid = _token_grid(config, height, width, vae_scale)
     meta = _MetaModel(config, batch, text_tokens)
+    report = MacReport(config=config, height=height, width=width, grid=grid, steps=steps, batch=batch,
+                       baseline_macs=0, sdtm_macs=0, plan_macs=0, vae_scale=vae_scale)
+    try:
+        _count_schedule(meta, report, sdtm)
+    except RuntimeError as error:  # e.g. a meta tensor too large for int64 sizes
+        raise ValueError(f"cannot count the MACs of {grid[0] * grid[1]} image and {text_tokens} text tokens at "
+                         f"batch {batch}: {_first_line(error)}; use fewer tokens or a smaller batch.") from None
+    return report
+
+
+def _tokens_and_plan(action: BlockAction, n: int, k: int, windows: int, batch_channels: int) -> tuple[int, int, int]:
+    """(attention tokens, feed-forward tokens, plan matmul MACs) of one block call under ``action`` on
+    ``n`` image tokens in ``windows`` windows of ``k`` tokens (``batch_channels``: batch x width)."""
+    if action.mode is not BlockMode.MERGED:
+        return n, n, 0
+    plan = 0
+    if action.phase is Phase.STRUCTURE:
+        merged = n - windows_to_merge(action.reduce_num, k, windows) * (k - 1)
+    else:
+        merged = n - sources_to_merge(action.reduce_num, windows * (k - 1))
+        plan = batch_channels * windows * (k - 1) * windows
+    return (merged if action.merge_attn else n), (merged if action.merge_mlp else n), plan
+
+
+def _count_schedule(meta: _MetaModel, report: MacReport, sdtm: SDTMConfig) -> None:
+    """Fill ``report``'s totals, per-step table and phases from the block counts of ``meta``."""
+    (grid_h, grid_w), steps, batch = report.grid, report.steps, report.batch
     n, layers = grid_h * grid_w, len(meta.model.transformer_blocks)
     k = sdtm.sx * sdtm.sy
     windows = (grid_h // sdtm.sy) * (grid_w // sdtm.sx)
-    outside = meta.outside_blocks(latent_h, latent_w)
+    patch = meta.model.config.patch_size
+    outside = meta.outside_blocks(grid_h * patch, grid_w * patch)
     full = sum(sum(meta.block(layer, n)) for layer in range(layers)) + outside
-
-    report = MacReport(config=config, height=height, width=width, grid=(grid_h, grid_w), steps=steps, batch=batch,
-                       baseline_macs=full * steps, sdtm_macs=0, plan_macs=0)
+    report.baseline_macs = full * steps
     phases: dict = defaultdict(lambda: {"block_calls": 0, "macs": 0})
     for step in range(steps):
         step_macs, attn_sum, mlp_sum, modes = outside, 0, 0, set()
         for layer in range(layers):
             action = block_action(sdtm, step, steps, layer, layers, n)
-            attn_tokens = mlp_tokens = n
-            plan = 0
-            if action.mode is BlockMode.MERGED:
-                if action.phase is Phase.STRUCTURE:
-                    merged = n - windows_to_merge(action.reduce_num, k, windows) * (k - 1)
-                else:
-                    merged = n - sources_to_merge(action.reduce_num, windows * (k - 1))
-                    plan = batch * windows * (k - 1) * windows * meta.channels
-                attn_tokens = merged if action.merge_attn else n
-                mlp_tokens = merged if action.merge_mlp else n
+            attn_tokens, mlp_tokens, plan = _tokens_and_plan(action, n, k, windows, batch * meta.channels)
             macs = meta.block(layer, attn_tokens)[0] + meta.block(layer, mlp_tokens)[1] + plan
             key = action.phase.value if action.mode is BlockMode.MERGED else action.mode.value
             phases[key]["block_calls"] += 1
@@ -196,13 +317,13 @@ def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int 
         report.sdtm_macs += step_macs
     phases["outside blocks"] = {"block_calls": 0, "macs": outside * steps}
     report.phases = dict(phases)
-    return report
 
 
 def format_report(report: MacReport, name: str) -> str:
     grid_h, grid_w = report.grid
     lines = [
-        f"{name}: {report.height}x{report.width} ({grid_h}x{grid_w} = {grid_h * grid_w} tokens), "
+        f"{name}: {report.height}x{report.width} (VAE factor {report.vae_scale}, {grid_h}x{grid_w} = "
+        f"{grid_h * grid_w} tokens), "
         f"{report.steps} steps, batch {report.batch}",
         f"baseline {report.baseline_macs / 1e12:10.3f} TMACs ({report.baseline_macs / report.steps / 1e12:.3f} a step)",
         f"SDTM     {report.sdtm_macs / 1e12:10.3f} TMACs (plan matmuls {report.plan_macs / 1e12:.3f})",

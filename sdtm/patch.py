@@ -88,7 +88,9 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
     transformer._sdtm_state = state
     transformer._sdtm_hook = transformer.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     for layer, block in enumerate(blocks):
-        block._sdtm = BlockLink(state, layer)
+        link = BlockLink(state, layer, has_attn2=bool(getattr(block, "use_dual_attention", False)))
+        state.links.append(link)
+        block._sdtm = link
         block.__class__ = _patched_class(type(block))
     return module
 
@@ -202,15 +204,20 @@ def _copied_without_pipeline() -> torch.Tensor | None:
     )
 
 
+@torch.compiler.disable
 def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """The transformer's forward pre-hook: locate the step of this call in the module's own state (read
-    from the module, so a deep copy of the module uses its own copy of the state)."""
+    """The transformer's forward pre-hook: locate the step of this call and decide every block's work
+    in the module's own state (read from the module, so a deep copy uses its own copy of the state).
+    Host-side bookkeeping: never traced by torch.compile."""
     state: SDTMState = module._sdtm_state
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     timestep = kwargs["timestep"] if "timestep" in kwargs else (args[3] if len(args) > 3 else None)
     if timestep is None:
         raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
-    state.begin_call(timestep, hidden_states.shape[-2], hidden_states.shape[-1], module.config.patch_size)
+    config = module.config
+    state.begin_call(timestep, hidden_states.shape[-2], hidden_states.shape[-1], config.patch_size)
+    channels = config.num_attention_heads * config.attention_head_dim
+    state.prepare_blocks(hidden_states.shape[0], channels, module.dtype, hidden_states.device)
     return None
 
 

@@ -8,11 +8,11 @@ gather-style merge. ``merge`` (ops) goes from [B, N, C] to [B, M, C] with it, ``
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from .caching import eager_cache
 from .reference import window_tokens
 from .schedule import sources_to_merge, windows_to_merge
 
@@ -78,7 +78,12 @@ def update_merge_age(merge_age: torch.Tensor | None, plan: MergePlan) -> torch.T
     return torch.where(plan.independent, torch.zeros_like(merge_age), merge_age + 1)
 
 
-@functools.lru_cache(maxsize=64)
+def advance_merge_age_(merge_age: torch.Tensor, plan: MergePlan) -> None:
+    """``update_merge_age`` in place on an existing T [B, N] int32 (zero before the first merge)."""
+    merge_age.add_(1).masked_fill_(plan.independent, 0)
+
+
+@eager_cache(maxsize=64)
 def _window_layout(grid: Grid, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every token: its window (-1 outside complete windows) and position inside it; plus the table.
     Cached per grid and device (read-only)."""
@@ -116,8 +121,7 @@ def _assemble(
     members = torch.sort(key, dim=1, stable=True).indices
     counts = torch.zeros(batch, num_merged, dtype=torch.int64, device=device)
     counts.scatter_add_(1, slot, torch.ones_like(slot))
-    offsets = torch.zeros(batch, num_merged + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, dim=1, out=offsets[:, 1:])
+    offsets = torch.cat([counts.new_zeros(batch, 1), counts.cumsum(dim=1)], dim=1)
 
     blend = ~unmerged
     independent = unmerged | is_dst if pseudo_merge else unmerged
@@ -181,17 +185,17 @@ def ssm_plan(
     return MergePlan(slot=slot, blend=merged, members=members, offsets=offsets, independent=independent)
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _border_as_last_window(window_of: torch.Tensor, num_windows: int) -> torch.Tensor:
     return torch.where(window_of >= 0, window_of, num_windows)
 
 
-@functools.lru_cache(maxsize=16)
+@eager_cache(maxsize=16)
 def _token_ids(num_tokens: int, device) -> torch.Tensor:
     return torch.arange(num_tokens, device=device)
 
 
-@functools.lru_cache(maxsize=256)
+@eager_cache(maxsize=256)
 def _ssm_offsets(num_unmerged: int, num_groups: int, window_size: int, device) -> torch.Tensor:
     """[1, M + 1] row pointers of an SSM plan: one token per unmerged row, K per group."""
     unmerged = torch.arange(num_unmerged, device=device)

@@ -1,7 +1,7 @@
 """Prompt lists for ``sdtm generate``: reading .txt / .json / .jsonl files and turning ids into safe,
 unique file names.
 
-Formats (UTF-8):
+Formats (UTF-8, a leading byte order mark is ignored):
 
 - ``.txt``: one prompt per non-empty line; ids ``00000``, ``00001``, ... (position in the list).
 - ``.json``: a list of strings or of objects, or a COCO captions file (an object whose ``annotations``
@@ -11,7 +11,8 @@ Formats (UTF-8):
 An object holds the text under ``caption``, ``prompt`` or ``text`` (the first present) and optionally an
 id under ``image_id`` (COCO) or ``id``; without one the id is the position in the list. Ids may be any
 string or integer; file names are derived from them with ``safe_file_stems``, so ``../../etc/x`` becomes
-``_.._etc_x`` and nothing can point outside the output folder.
+``_.._etc_x`` and nothing can point outside the output folder. Texts and ids must be writable as UTF-8
+(the manifest records them): a JSON escape of a lone surrogate such as ``"\\ud800"`` is refused.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def single_prompt(text: str) -> list[Prompt]:
     """The list for ``--prompt TEXT``: one prompt with id ``00000``."""
     if not text.strip():
         raise ValueError("--prompt is empty.")
+    if not _is_utf8(text):
+        raise ValueError("--prompt is not valid UTF-8 text (the manifest records it); check its encoding.")
     return [Prompt(id="00000", text=text, stem="00000")]
 
 
@@ -96,7 +99,7 @@ def safe_file_stems(identifiers: list[str]) -> list[str]:
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except FileNotFoundError:
         raise ValueError(f"prompt file {path!r} does not exist.") from None
@@ -151,7 +154,19 @@ def _entry(path: str, where: str, item: Any) -> tuple[str | None, str]:
                          f"got {type(item).__name__}.")
     if not text.strip():
         raise ValueError(f"prompt file {path!r}, {where}: the prompt is empty.")
+    for name, value in (("the prompt", text), ("the id", identifier)):
+        if value is not None and not _is_utf8(value):
+            raise ValueError(f"prompt file {path!r}, {where}: {name} holds a lone surrogate (a JSON escape such "
+                             "as \\ud800 without its pair), which cannot be written as UTF-8.")
     return identifier, text.strip()
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _identifier(path: str, where: str, item: dict) -> str | None:

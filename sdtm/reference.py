@@ -7,15 +7,15 @@ M merged tokens, A / D source / destination candidates.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from .caching import eager_cache
 
 COSINE_EPS = 1e-8  # the eps of torch.nn.functional.cosine_similarity
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def window_tokens(grid_h: int, grid_w: int, sy: int, sx: int, device=None) -> torch.Tensor:
     """Token indices of the complete windows, row-major over windows and inside each window.
 

@@ -6,6 +6,7 @@ Pure functions of (config, step, layer); no tensors. Steps ``s`` run from 0 to `
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -94,10 +95,12 @@ def block_action(
     phase = phase_at_step(config, step)
     if num_windows == 0:
         return BlockAction(BlockMode.UNCHANGED, phase)
-    # A cache written now is read only by a later merging step of the same sub-layer: attention merges
-    # only in structure steps (s <= switch_step), the MLP at any step.
-    attn_cache_readable = config.merge_attn and step < min(config.switch_step, num_steps - 1)
-    mlp_cache_readable = config.merge_mlp and step < num_steps - 1
+    # Caches are stored wherever a later step of the generation may read them, judged per generation
+    # rather than per step (a protected step of the detail phase still stores the attention output): the
+    # blocks then take few distinct forms over a generation, which keeps compiled graphs and CUDA graphs
+    # few. An unread cache changes no output.
+    attn_cache_useful = config.merge_attn and config.switch_step >= 1 and num_steps > 1
+    mlp_cache_useful = config.merge_mlp and num_steps > 1
 
     if is_protected_layer(config, layer, num_layers):
         return BlockAction(BlockMode.UNCHANGED, phase, reset_merge_age=True)
@@ -105,8 +108,8 @@ def block_action(
         return BlockAction(
             BlockMode.PROTECTED,
             phase,
-            store_attn_cache=attn_cache_readable,
-            store_mlp_cache=mlp_cache_readable,
+            store_attn_cache=attn_cache_useful,
+            store_mlp_cache=mlp_cache_useful,
         )
     reduce_num = tokens_to_remove(num_tokens, ratio_at_step(config, step, num_steps))
     merge_attn = config.merge_attn and phase is Phase.STRUCTURE
@@ -120,6 +123,27 @@ def block_action(
         reduce_num=reduce_num,
         merge_attn=merge_attn,
         merge_mlp=merge_mlp,
-        store_attn_cache=each and attn_cache_readable,
-        store_mlp_cache=each and mlp_cache_readable,
+        store_attn_cache=each and merge_attn and attn_cache_useful,
+        store_mlp_cache=each and mlp_cache_useful,
     )
+
+
+@functools.lru_cache(maxsize=512)
+def step_program(
+    config: SDTMConfig, step: int, num_steps: int, num_layers: int, num_tokens: int, num_windows: int
+) -> tuple[BlockAction, ...]:
+    """Every block's action at ``step``: what one transformer call does, decided once on the host."""
+    return tuple(
+        block_action(config, step, num_steps, layer, num_layers, num_tokens, num_windows)
+        for layer in range(num_layers)
+    )
+
+
+def merged_tokens(action: BlockAction, num_tokens: int, window_size: int, num_windows: int) -> int:
+    """Image tokens a MERGED block's merged sub-layers see (``num_tokens`` for other blocks): SSM removes
+    K - 1 tokens per merged window, IDM one per merged source."""
+    if action.mode is not BlockMode.MERGED:
+        return num_tokens
+    if action.phase is Phase.STRUCTURE:
+        return num_tokens - windows_to_merge(action.reduce_num, window_size, num_windows) * (window_size - 1)
+    return num_tokens - sources_to_merge(action.reduce_num, num_windows * (window_size - 1))

@@ -6,6 +6,12 @@ does that) or when the step goes backwards; then merge age, caches and the rando
 Calling the transformer twice at one step (classifier-free guidance in two calls, skip-layer guidance)
 keeps the step; each call of a step (its position among the calls of that step) keeps its own merge
 age and caches, so a skip-layer-guidance call never blends with the guided call's outputs.
+
+Everything that depends on the step is decided here, on the host, once per transformer call
+(``begin_call`` then ``prepare_blocks``): each block gets its action, the count of tokens to remove (as
+the length of a tensor, a dynamic size for ``torch.compile``), its random destinations and the cache
+buffers it reads and writes. The blocks' tensor work then reads no step or layer number. Merge age and
+caches live in tensors allocated once per stream and updated in place.
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from typing import Callable
 import torch
 
 from .config import SDTMConfig
+from .ops import OpSet, ops_for
 from .plans import Grid
+from .schedule import BlockAction, BlockMode, Phase, merged_tokens, step_program
 
 TIMESTEP_RTOL = 1e-3  # a timestep cast to fp16 (spacing 0.5 near 1000) still finds its step
+SUBLAYERS = ("attn", "attn2", "mlp")
 
 
 @dataclass
@@ -36,15 +45,52 @@ class StepRecord:
 
 @dataclass
 class CallStream:
-    """What one sequence of calls (the k-th call of every step) carries from step to step."""
+    """What one sequence of calls (the k-th call of every step) carries from step to step.
 
-    merge_age: torch.Tensor | None = None  # T, [B, N] int32
+    ``merge_age`` (T, [B, N] int32) and the caches ([B, N, C] per (sub-layer, layer)) are allocated once
+    and updated in place; ``valid`` names the caches that hold an output of the current generation and
+    ``age_exists`` says whether T exists yet (a merge happened since the generation start or the last
+    protected layer). Both are host-side facts derived from the schedule.
+    """
+
+    merge_age: torch.Tensor | None = None
     caches: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    valid: set[tuple[str, int]] = field(default_factory=set)
+    age_exists: bool = False
+
+    def restart(self) -> None:
+        """Start a generation: no valid cache, no merge age (T is zeroed, buffers are kept)."""
+        self.valid.clear()
+        self.age_exists = False
+        if self.merge_age is not None:
+            self.merge_age.zero_()
+
+
+@dataclass(eq=False)
+class BlockLink:
+    """What a patched block reads during a transformer call; set by ``SDTMState.prepare_blocks``.
+
+    ``remove`` is a tensor whose length is the number of tokens the schedule asks the block to remove
+    (its content is never read); ``dst_draw`` [B, W] int64 holds random destination positions or is
+    None (first token of each window); ``cache_in`` maps a sub-layer to its valid cache, ``cache_out`` to
+    the buffer its full output is stored into.
+    """
+
+    state: "SDTMState"
+    layer: int
+    has_attn2: bool = False
+    action: BlockAction | None = None
+    remove: torch.Tensor | None = None
+    dst_draw: torch.Tensor | None = None
+    age_exists: bool = False
+    stream: CallStream | None = None
+    cache_in: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache_out: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class SDTMState:
-    """Everything SDTM keeps between block calls of one transformer.
+    """Everything SDTM keeps between calls of one transformer.
 
     ``timesteps_source`` returns the scheduler's current ``timesteps`` tensor (or None when no schedule is
     known); the patch sets it from the pipeline's scheduler or the ``scheduler`` given to apply.
@@ -53,25 +99,30 @@ class SDTMState:
     config: SDTMConfig
     num_layers: int
     timesteps_source: Callable[[], torch.Tensor | None] | None = None
-    # Current step, set by the transformer's pre-forward hook.
+    links: list[BlockLink] = field(default_factory=list)
+    # Current step, set by begin_call.
     step: int = -1
     num_steps: int = 0
     grid: Grid | None = None
     generation: int = 0
     call_in_step: int = 0
+    ops: OpSet | None = None
+    ops_device: torch.device | None = None
     # Per generation.
     streams: dict[int, CallStream] = field(default_factory=dict)
     generator: torch.Generator | None = None
     records: list[StepRecord] = field(default_factory=list)
-    record_tokens: bool = False
     _timesteps: torch.Tensor | None = None
     _timestep_values: list[float] = field(default_factory=list)
+    _remove_buffer: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """Forget everything of the current generation (merge age, caches, generator, step)."""
+        """Forget the current generation: step, generator, records; caches become invalid and merge
+        age is zeroed (their buffers are kept for the next generation)."""
         self.step = -1
         self.call_in_step = 0
-        self.streams.clear()
+        for stream in self.streams.values():
+            stream.restart()
         self.generator = None
         self.records.clear()
 
@@ -105,6 +156,102 @@ class SDTMState:
                 stacklevel=4,
             )
         self.grid = grid
+
+    def prepare_blocks(self, batch: int, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Decide what every block does in this call and hand each its inputs (see ``BlockLink``); append
+        the call's token counts to ``records``. Runs after ``begin_call``."""
+        grid, config = self.grid, self.config
+        program = step_program(config, self.step, self.num_steps, self.num_layers, grid.num_tokens,
+                               grid.num_windows)
+        if self.ops is None or self.ops_device != device:
+            self.ops, self.ops_device = ops_for(config.backend, device), device
+        stream = self._stream(batch, channels, dtype, device)
+        draws = self._draws(program, stream, batch, grid, device)
+        age_exists = stream.age_exists
+        for link, action in zip(self.links, program):
+            link.action, link.stream = action, stream
+            if action.reset_merge_age:
+                age_exists = False
+            link.age_exists = age_exists
+            link.dst_draw = draws.pop(0) if draws and _needs_draw(action, age_exists) else None
+            link.remove = self._remove_view(action.reduce_num, device) if action.mode is BlockMode.MERGED else None
+            link.cache_in, link.cache_out = self._caches(link, action, stream, batch, channels, dtype, device)
+            if action.mode is BlockMode.MERGED:
+                age_exists = True
+            merged = merged_tokens(action, grid.num_tokens, grid.window_size, grid.num_windows)
+            self.records.append(StepRecord(
+                self.step, link.layer, action.mode.value, action.phase.value,
+                merged if action.merge_attn else grid.num_tokens, merged if action.merge_mlp else grid.num_tokens,
+            ))
+        stream.age_exists = age_exists
+
+    def _stream(self, batch: int, channels: int, dtype: torch.dtype, device: torch.device) -> CallStream:
+        """The current call's stream, its merge age allocated for this batch and grid."""
+        stream = self.streams.setdefault(self.call_in_step, CallStream())
+        shape = (batch, self.grid.num_tokens)
+        age = stream.merge_age
+        if age is not None and (tuple(age.shape) != shape or age.device != device):
+            if stream.valid or stream.age_exists:
+                raise ValueError(
+                    f"this call has batch {batch} and {shape[1]} image tokens but the generation started with "
+                    f"batch {age.shape[0]} and {age.shape[1]} tokens; batch and image size must stay fixed within "
+                    "a generation (set the scheduler's timesteps again to start a new one)."
+                )
+            stream.merge_age, stream.caches = None, {}
+        if stream.merge_age is None:
+            stream.merge_age = torch.zeros(shape, dtype=torch.int32, device=device)
+        for key, cache in list(stream.caches.items()):
+            if cache.dtype != dtype or cache.shape[-1] != channels:
+                del stream.caches[key]
+                stream.valid.discard(key)
+        return stream
+
+    def _caches(self, link: BlockLink, action: BlockAction, stream: CallStream, batch: int, channels: int,
+                dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
+        """The valid caches the block may blend with, and the buffers it stores into (allocated once)."""
+        if action.mode is BlockMode.UNCHANGED:
+            return {}, {}
+        names = [n for n in SUBLAYERS if n != "attn2" or link.has_attn2]
+        cache_in = {n: stream.caches[(n, link.layer)] for n in names if (n, link.layer) in stream.valid}
+        cache_out = {}
+        for name in names:
+            if not (action.store_mlp_cache if name == "mlp" else action.store_attn_cache):
+                continue
+            key = (name, link.layer)
+            if key not in stream.caches:
+                stream.caches[key] = torch.empty(batch, self.grid.num_tokens, channels, dtype=dtype, device=device)
+            cache_out[name] = stream.caches[key]
+            stream.valid.add(key)  # holds this call's output once the block has run
+        return cache_in, cache_out
+
+    def _remove_view(self, reduce_num: int, device: torch.device) -> torch.Tensor:
+        """A tensor of length ``reduce_num`` (a view of one buffer), marked as a dynamic size for dynamo."""
+        buffer = self._remove_buffer
+        if buffer is None or buffer.numel() < reduce_num or buffer.device != device:
+            buffer = self._remove_buffer = torch.empty(max(reduce_num, self.grid.num_tokens), dtype=torch.uint8,
+                                                       device=device)
+        view = buffer[:reduce_num]
+        torch._dynamo.maybe_mark_dynamic(view, 0)
+        return view
+
+    def _draws(self, program: tuple[BlockAction, ...], stream: CallStream, batch: int, grid: Grid,
+               device: torch.device) -> list[torch.Tensor]:
+        """Random destination positions of every block of this call that picks at random, drawn at once
+        from the generation's generator: [B, W] int64 each, in block order."""
+        # With an odd batch, conditional and unconditional samples cannot pair up: randomness off.
+        if not self.config.use_rand or batch % 2 or grid.num_windows == 0:
+            return []
+        needed, age_exists = 0, stream.age_exists
+        for action in program:
+            age_exists = age_exists and not action.reset_merge_age
+            needed += _needs_draw(action, age_exists)
+            age_exists = age_exists or action.mode is BlockMode.MERGED
+        if needed == 0:
+            return []
+        generator = self.random_generator(device)
+        drawn = torch.randint(grid.window_size, (needed, batch, grid.num_windows), generator=generator,
+                              device=generator.device)
+        return list(drawn.to(device).unbind(0))
 
     def _locate(self, timestep: torch.Tensor | float) -> int:
         step = self._locate_view(timestep)
@@ -170,20 +317,13 @@ class SDTMState:
             self.generator = generator
         return self.generator
 
-    def cache(self, sublayer: str, layer: int, like: torch.Tensor) -> torch.Tensor | None:
-        """The cached full output of ``sublayer`` at ``layer``, or None; raises if its shape differs."""
-        cached = self.stream.caches.get((sublayer, layer))
-        if cached is not None and cached.shape != like.shape:
-            raise ValueError(
-                f"the cached {sublayer} output of layer {layer} has shape {tuple(cached.shape)} but this "
-                f"call produces {tuple(like.shape)}; batch size and image size must stay fixed within a "
-                "generation (set the scheduler's timesteps again to start a new one)."
-            )
-        return cached
-
-    def store_cache(self, sublayer: str, layer: int, value: torch.Tensor) -> None:
-        self.stream.caches[(sublayer, layer)] = value.detach()
-
     def cache_bytes(self) -> int:
         """Bytes held by the output caches of all streams."""
         return sum(t.numel() * t.element_size() for s in self.streams.values() for t in s.caches.values())
+
+
+def _needs_draw(action: BlockAction, age_exists: bool) -> bool:
+    """Whether a block picks random destinations: SSM always, IDM while no merge age exists."""
+    if action.mode is not BlockMode.MERGED:
+        return False
+    return action.phase is Phase.STRUCTURE or not age_exists

@@ -1,7 +1,9 @@
 """The sdtm command line: macs against hand-computed MACs, demo, bench, and bad arguments."""
 
 import json
+import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -114,6 +116,12 @@ def test_macs_presets_and_plot(capsys, tmp_path):
         (["demo", "--size", "31"], "must be even"),
         (["bench", "everything"], "invalid choice"),
         (["demo", "--out", "/nonexistent/folder"], "is not a folder"),
+        (["demo", "--size", "98"], "use at most 96"),
+        (["macs", "--config", "sd3-medium", "--text-tokens", "100000000000"], "cannot count the MACs"),
+        (["macs", "--config", "sd3-medium", "--plot", "/nonexistent/folder/macs.png"], "does not exist"),
+        (["macs", "--config", "sd3-medium", "--plot", "macs.unknown"], "must end in an image extension"),
+        (["macs", "--config", "sd3-medium", "--plot", "/"], "is a folder"),
+        (["bench", "kernels", "--plot", "/nonexistent/folder/bench.png"], "does not exist"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
@@ -145,8 +153,8 @@ def test_bench_kernels_json(capsys, monkeypatch):
     from sdtm import bench
 
     original = bench.bench_kernels
-    monkeypatch.setattr(bench, "bench_kernels", lambda grids, rounds, progress: original(
-        [(8, 8)], channels=16, rounds=1, progress=False))
+    monkeypatch.setattr(bench, "bench_kernels", lambda grids, rounds, progress, backends: original(
+        [(8, 8)], channels=16, rounds=1, progress=False, backends=backends))
     assert main(["bench", "kernels", "--json", "--rounds", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["machine"]["cpu_count"] == os.cpu_count()
@@ -154,13 +162,119 @@ def test_bench_kernels_json(capsys, monkeypatch):
     assert ("merge", "torch") in ops and all(row["median_ms"] > 0 for row in result["kernels"])
 
 
-def test_bench_block_small(monkeypatch, capsys):
+def test_bench_kernels_times_only_the_backends_asked_for(capsys, monkeypatch):
+    """--backends applies to kernels too: torch (the reference) and the backends named, each once."""
+    from sdtm import bench
+
+    original = bench.bench_kernels
+    monkeypatch.setattr(bench, "bench_kernels", lambda grids, rounds, progress, backends: original(
+        [(8, 8)], channels=16, rounds=1, progress=False, backends=backends))
+    assert main(["bench", "kernels", "--json", "--backends", "torch", "torch"]) == 0
+    rows = json.loads(capsys.readouterr().out)["kernels"]
+    assert {row["backend"] for row in rows} == {"torch"}
+    assert len(rows) == len({(row["op"], row["shape"], row["device"]) for row in rows})
+
+
+def test_bench_kernels_rejects_a_backend_with_no_device(monkeypatch):
+    from sdtm import bench
+
+    monkeypatch.setattr(bench, "available_backends", lambda: [("torch", torch.device("cpu"))])
+    monkeypatch.setattr(bench, "check_backend", lambda name: None)
+    with pytest.raises(ValueError, match="backend='triton' cannot run here"):
+        bench.bench_kernels([(8, 8)], channels=16, rounds=1, progress=False, backends=["triton"])
+
+
+class _StderrHandler(logging.Handler):
+    """Writes records to whatever ``sys.stderr`` is when they are emitted (pytest swaps it per phase)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+@pytest.fixture
+def diffusers_warnings():
+    """diffusers' warnings on (the test session silences them) and written to the captured stderr (its own
+    handler holds the stream of the session's start), restored afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+
+    logger, level = logging.getLogger("diffusers"), diffusers_logging.get_verbosity()
+    handlers = logger.handlers[:]
+    logger.handlers[:] = [_StderrHandler()]
+    diffusers_logging.set_verbosity_warning()
+    yield
+    logger.handlers[:] = handlers
+    diffusers_logging.set_verbosity(level)
+
+
+def test_bench_unavailable_backend_is_the_only_line(monkeypatch, capfd, diffusers_warnings):
+    """Without CUDA or the Triton interpreter, bench e2e --backends triton fails before any work."""
+    from sdtm import bench
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    original = bench.bench_e2e
+    monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress: original(
+        backends, rounds=1, steps=2, progress=False, latent=(16, 16), small_latent=(8, 16), num_layers=1, heads=1))
+    assert main(["bench", "e2e", "--backends", "triton"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.startswith("sdtm bench: backend='triton' is not available") and len(err.splitlines()) == 1
+
+
+def test_sd3_shaped_transformer_casts_without_warnings(capfd, diffusers_warnings):
+    from sdtm.bench import sd3_shaped_transformer
+
+    model = sd3_shaped_transformer(num_layers=1, heads=1, sample_size=8, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert capfd.readouterr().err == ""
+
+
+def test_demo_checks_its_backend_before_any_output(monkeypatch, capfd):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["demo", "--backend", "triton", "--size", "8", "--steps", "1", "--repeats", "1"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.startswith("sdtm demo: backend='triton' is not available") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2], "config.json must hold a JSON object, got a list."),
+    ({"_class_name": "SD3Transformer2DModel", "num_layers": "two", "patch_size": 2},
+     "config.json: num_layers must be a positive int, got 'two'."),
+])
+def test_macs_malformed_config_exits_2_with_one_line(capfd, tmp_path, content, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(content))
+    assert main(["macs", "--config", str(path), "--height", "64", "--width", "64", "--steps", "1"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err == f"sdtm macs: {path.parent}/{message}\n"
+
+
+def test_macs_diffusers_folder_uses_its_vae_factor(capsys, tmp_path):
+    """A folder's VAE sets the latent factor: 3 levels (factor 4) give 64 x 96 pixels 8 x 12 tokens."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel", **TINY}))
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL",
+                                                              "block_out_channels": [8, 16, 32]}))
+    argv = ["macs", "--config", str(tmp_path), "--height", "64", "--width", "96", "--steps", "2", "--text-tokens", "3"]
+    assert main(argv + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["grid"] == [8, 12] and result["vae_scale"] == 4
+    assert result["per_step"][0]["attn_tokens"] == 96  # step 0 is protected: every token
+    assert main(argv) == 0
+    assert "64x96 (VAE factor 4, 8x12 = 96 tokens)" in capsys.readouterr().out
+    assert main(argv[:3] + ["--height", "60", "--width", "96"]) == 2
+    assert "multiples of 8 (VAE factor 4 x patch 2)" in capsys.readouterr().err
+
+
+def test_bench_block_small(monkeypatch, capsys, tmp_path):
     from sdtm import bench
 
     original = bench.bench_block_share
     monkeypatch.setattr(bench, "bench_block_share", lambda backends, rounds, progress: original(
         backends, grid=(8, 8), heads=1, rounds=1, progress=False))
-    assert main(["bench", "block", "--json", "--backends", "torch"]) == 0
+    plot = tmp_path / "block.png"
+    assert main(["bench", "block", "--json", "--backends", "torch", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(capsys.readouterr().out)["block"]
     assert {(r["backend"], r["phase"]) for r in rows} == {("torch", "ssm"), ("torch", "idm")}
     for r in rows:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -10,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdtm import generate
@@ -50,6 +53,28 @@ def pixels(path) -> np.ndarray:
 
 def only_files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def refuse_to_load(job):
+    raise AssertionError("the model must not be loaded")
+
+
+def run_out_of_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def unwritable_system_folder() -> str | None:
+    """A folder that even root cannot create files in, or None."""
+    for folder in ("/proc/self", "/sys", "/proc"):
+        probe = os.path.join(folder, ".sdtm-probe.tmp")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError:
+            if os.path.isdir(folder):
+                return folder
+        else:
+            os.remove(probe)
+    return None
 
 
 def test_tokenizers_and_pipeline_round_trip(model):
@@ -108,7 +133,11 @@ def test_resume_regenerates_only_missing_images_identically(model, tmp_path, cap
     capsys.readouterr()
     assert cli([*argv, "--ratio", "0.4"]) == 0  # nothing left to do: the model is not even loaded
     assert "sdtm.ratio 0.3 -> 0.4" in capsys.readouterr().err  # kept images were made with other settings
-    assert manifest(out)["images"] == second["images"]
+    third = manifest(out)
+    assert third["settings"]["sdtm"]["ratio"] == 0.4
+    # Each kept record says which settings its image was made with.
+    assert all(record.pop("settings")["sdtm"]["ratio"] == 0.3 for record in third["images"])
+    assert third["images"] == second["images"]
     assert only_files(out) == ["00000.png", "00001.png", "00002.png", "manifest.json"]
 
 
@@ -177,8 +206,12 @@ def test_torchrun_two_processes_write_every_image_once(model, tmp_path):
 
 @pytest.mark.parametrize("case", ["no-model", "not-a-pipeline", "no-prompt-file", "empty-prompt-file",
                                   "blank-txt", "bad-json", "bad-entry", "extension", "both", "neither",
-                                  "size", "too-large", "sdtm-setting", "out-is-file", "device"])
-def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, case):
+                                  "size", "too-large", "sdtm-setting", "out-is-file", "device",
+                                  "guidance-nan", "guidance-inf", "guidance-minus-inf", "guidance-negative",
+                                  "sdtm-inf", "no-sdtm-with-sdtm-setting", "device-meta", "device-absent",
+                                  "prompt-surrogate", "json-surrogate", "json-surrogate-id"])
+def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     empty = write(tmp_path / "empty.json", "[]")
     good = write(tmp_path / "p.txt", "a cat\n")
     argv = {
@@ -197,6 +230,18 @@ def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, case):
         "sdtm-setting": ["--model", model, "--prompts", good, "--ratio", "0.9", "--deviation", "0.2"],
         "out-is-file": ["--model", model, "--prompts", good],
         "device": ["--model", model, "--prompts", good, "--device", "nonsense"],
+        "guidance-nan": ["--model", model, "--prompts", good, "--guidance", "nan"],
+        "guidance-inf": ["--model", model, "--prompts", good, "--guidance", "inf"],
+        "guidance-minus-inf": ["--model", model, "--prompts", good, "--guidance=-inf"],
+        "guidance-negative": ["--model", model, "--prompts", good, "--guidance", "-3"],
+        "sdtm-inf": ["--model", model, "--prompts", good, "--a-s", "inf"],
+        "no-sdtm-with-sdtm-setting": ["--model", model, "--prompts", good, "--no-sdtm", "--ratio", "0.5"],
+        "device-meta": ["--model", model, "--prompts", good, "--device", "meta"],
+        "device-absent": ["--model", model, "--prompts", good, "--device", "xpu"],
+        "prompt-surrogate": ["--model", model, "--prompt", "a \udcff cat"],  # undecodable bytes in argv
+        "json-surrogate": ["--model", model, "--prompts", write(tmp_path / "s.json", '["a \\ud800 cat"]')],
+        "json-surrogate-id": ["--model", model, "--prompts",
+                              write(tmp_path / "s.jsonl", '{"id": "\\udfff", "caption": "a cat"}\n')],
     }[case]
     out = tmp_path / "out"
     if case == "out-is-file":
@@ -221,3 +266,93 @@ def test_sdtm_changes_images_and_ratio_zero_does_not(model, tmp_path):
     assert manifest(tmp_path / "half")["settings"]["sdtm"]["ratio"] == 0.5
     assert not np.array_equal(images["half"], images["off"])
     assert np.array_equal(images["zero"], images["off"])
+
+
+@pytest.mark.parametrize("where", ["system-folder", "read-only-folder"])
+def test_unwritable_out_exits_2_before_loading(model, tmp_path, capsys, monkeypatch, where):
+    if where == "system-folder":
+        out = unwritable_system_folder()
+        if out is None:
+            pytest.skip("no folder here refuses new files to this user")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a folder whatever its mode")
+        out = str(tmp_path / "read-only")
+        os.mkdir(out, 0o500)
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
+    capsys.readouterr()
+    assert cli(["generate", "--model", model, "--prompt", "a cat", "--out", out, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdtm generate: cannot write to --out {out!r}: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("target", ["00000.png", "manifest.json"])
+def test_write_failure_during_the_run_exits_1_with_one_line(model, tmp_path, capsys, monkeypatch, target):
+    out = tmp_path / "out"
+    if target == "00000.png":
+        monkeypatch.setattr(Image.Image, "save", run_out_of_space)
+    else:
+        replace = os.replace
+        monkeypatch.setattr(os, "replace", lambda src, dst: run_out_of_space() if str(dst).endswith(target)
+                            else replace(src, dst))
+    capsys.readouterr()
+    assert cli(["generate", "--model", model, "--prompt", "a cat", "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err  # loading progress bars, then one line
+    assert err.endswith(f"\nsdtm generate: cannot write {out / target}: {os.strerror(errno.ENOSPC)}\n"), err
+    assert err.count("sdtm generate: cannot") == 1 and "Traceback" not in err
+    assert only_files(out) == ([] if target == "00000.png" else ["00000.png"])  # no temporary file left
+
+
+def test_manifest_is_strict_json(model, tmp_path):
+    parser = argparse.ArgumentParser()
+    generate.configure_parser(parser)
+    out = tmp_path / "out"
+    job = generate.job_from_args(parser.parse_args(["--model", model, "--prompt", "a cat", "--out", str(out), *FAST]))
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        generate.write_manifest(dataclasses.replace(job, guidance=float("nan")), {})
+    assert only_files(out) == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_loads_every_component_in_it_and_generates(model, tmp_path, dtype):
+    wanted = getattr(torch, dtype)
+    parser = argparse.ArgumentParser()
+    generate.configure_parser(parser)
+    args = parser.parse_args(["--model", model, "--prompt", "a cat", "--out", str(tmp_path / "x"), *FAST,
+                              "--dtype", dtype, "--no-sdtm"])
+    pipe = generate.load_pipeline(generate.job_from_args(args))
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in [*component.named_parameters(), *component.named_buffers()]:
+            if tensor.is_floating_point():
+                # transformers keeps T5's feed-forward output in float32 under float16, on purpose.
+                t5_wo = dtype == "float16" and name == "text_encoder_3" and ".wo." in key
+                expected = torch.float32 if t5_wo else wanted
+                assert tensor.dtype == expected, (name, key, tensor.dtype)
+    for extra in (["--no-sdtm"], []):
+        out = tmp_path / ("off" if extra else "sdtm")
+        assert cli(["generate", "--model", model, "--prompts", write(tmp_path / "p.txt", "\n".join(PROMPTS[:2])),
+                    "--out", str(out), *FAST, "--dtype", dtype, *extra]) == 0
+        assert manifest(out)["settings"]["dtype"] == dtype
+        images = [pixels(out / f"{i:05d}.png") for i in range(2)]
+        assert all(image.std() > 0 for image in images) and not np.array_equal(images[0], images[1])
+
+
+def test_cuda_index_is_refused_rather_than_ignored_under_torchrun(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert generate.resolve_device("cuda", generate.Ranks(1, 2, 1)) == torch.device("cuda", 1)
+    assert generate.resolve_device("cuda:1", generate.Ranks(1, 2, 1)) == torch.device("cuda", 1)
+    assert generate.resolve_device("cuda:1", generate.Ranks()) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        generate.resolve_device("cuda:1", generate.Ranks(0, 2, 0))
+
+
+@pytest.mark.parametrize("kind", ["txt", "json", "jsonl"])
+def test_prompt_files_may_start_with_a_byte_order_mark(tmp_path, kind):
+    content = {"txt": "a cat\nb dog\n", "json": json.dumps(["a cat", "b dog"]),
+               "jsonl": '"a cat"\n"b dog"\n'}[kind]
+    path = tmp_path / f"p.{kind}"
+    path.write_text(content, encoding="utf-8-sig")
+    assert [p.text for p in load_prompts(path)] == ["a cat", "b dog"]

@@ -124,8 +124,8 @@ def test_non_square_and_odd_grids(sd3_pipe, monkeypatch, height, width):
     plans = []
     original = block_module.compute_plan
 
-    def record(state, action, metric, ops):
-        plan = original(state, action, metric, ops)
+    def record(link, metric, ops):
+        plan = original(link, metric, ops)
         plans.append(plan)
         return plan
 

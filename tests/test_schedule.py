@@ -52,7 +52,8 @@ def test_phases_and_protection():
 def test_block_action_modes():
     c = SDTMConfig(switch_step=2, protect_steps_frequency=3)
     protected = block_action(c, 3, 10, 0, 4, 1024)
-    assert protected.mode is BlockMode.PROTECTED and protected.store_mlp_cache and not protected.store_attn_cache
+    # Protected steps store both caches whatever the phase (one block form per mode, see block_action).
+    assert protected.mode is BlockMode.PROTECTED and protected.store_mlp_cache and protected.store_attn_cache
     ssm = block_action(c, 1, 10, 0, 4, 1024)
     assert (ssm.mode, ssm.phase, ssm.merge_attn, ssm.merge_mlp) == (BlockMode.MERGED, Phase.STRUCTURE, True, True)
     assert ssm.reduce_num == int(1024 * ratio_at_step(c, 1, 10))
@@ -60,8 +61,10 @@ def test_block_action_modes():
     assert ssm.store_attn_cache and ssm.store_mlp_cache
     idm = block_action(c, 4, 10, 0, 4, 1024)
     assert (idm.phase, idm.merge_attn, idm.merge_mlp, idm.store_attn_cache) == (Phase.DETAIL, False, True, False)
-    last = block_action(c, 9, 10, 0, 4, 1024)
-    assert not last.store_mlp_cache  # nothing reads a cache after the last step
+    last = block_action(c, 10, 11, 0, 4, 1024)  # the last step stores too: one form for every IDM step
+    assert (last.mode, last.store_attn_cache, last.store_mlp_cache) == (BlockMode.MERGED, False, True)
+    never = block_action(SDTMConfig(switch_step=0, protect_steps_frequency=3), 3, 10, 0, 4, 1024)
+    assert not never.store_attn_cache  # attention never merges after step 0: its cache is never read
     zero = block_action(SDTMConfig(ratio=0.0, deviation=0.0, protect_steps_frequency=-1), 1, 10, 0, 4, 1024)
     assert zero.mode is BlockMode.UNCHANGED
     no_mlp = block_action(SDTMConfig(merge_mlp=False, switch_step=0), 1, 10, 0, 4, 1024)

@@ -15,11 +15,11 @@ def test_every_plan_follows_the_spec(sd3_pipe, monkeypatch, height, width):
     seen = []
     original = block_module.compute_plan
 
-    def checked(state, action, metric, ops):
-        age_before = state.stream.merge_age
-        age_before = None if age_before is None else age_before.clone()
-        plan = original(state, action, metric, ops)
-        seen.append((state.step, action, metric.detach().clone(), age_before, plan, state.stream.merge_age.clone()))
+    def checked(link, metric, ops):
+        age_before = link.stream.merge_age.clone() if link.age_exists else None
+        plan = original(link, metric, ops)
+        seen.append((link.state.step, link.action, metric.detach().clone(), age_before, plan,
+                     link.stream.merge_age.clone()))
         return plan
 
     monkeypatch.setattr(block_module, "compute_plan", checked)
@@ -50,21 +50,19 @@ def test_every_plan_follows_the_spec(sd3_pipe, monkeypatch, height, width):
 def test_merged_outputs_blend_with_cache_as_specified(sd3_pipe, monkeypatch):
     """Unmerge output of one merged MLP, recomputed by hand from y, the plan and the previous cache."""
     captured = {}
-    original_finish = block_module._Merger.finish
+    original_finish = block_module.finish_sublayer
 
-    def spy(self, residual, y, gate, name, merged, store, **kwargs):
-        if merged and name == "mlp" and "done" not in captured:
-            cache = self.state.cache(name, self.layer, residual)
-            if cache is not None:
-                captured.update(y=y.clone(), gate=gate.clone(), residual=residual.clone(), cache=cache.clone(),
-                                plan=self.plan, mcw=self.state.config.mcw)
-                out = original_finish(self, residual, y, gate, name, merged, store, **kwargs)
-                captured.update(out=out.clone(), stored=self.state.cache(name, self.layer, residual).clone(),
-                                done=True)
-                return out
-        return original_finish(self, residual, y, gate, name, merged, store, **kwargs)
+    def spy(link, name, residual, y, gate, plan, ops, residual_is_ours, spare=None):
+        cache = link.cache_in.get(name)
+        if plan is not None and name == "mlp" and "done" not in captured and cache is not None:
+            captured.update(y=y.clone(), gate=gate.clone(), residual=residual.clone(), cache=cache.clone(),
+                            plan=plan, mcw=link.state.config.mcw)
+            out = original_finish(link, name, residual, y, gate, plan, ops, residual_is_ours, spare)
+            captured.update(out=out.clone(), stored=link.cache_out[name].clone(), done=True)
+            return out
+        return original_finish(link, name, residual, y, gate, plan, ops, residual_is_ours, spare)
 
-    monkeypatch.setattr(block_module._Merger, "finish", spy)
+    monkeypatch.setattr(block_module, "finish_sublayer", spy)
     apply_SDTM(sd3_pipe, use_rand=False, mcw=0.3, backend="torch")
     generate(sd3_pipe, num_inference_steps=5)
     assert captured.get("done"), "no merged MLP call with a cache happened"

@@ -1,0 +1,32 @@
+"""Memoisation of small host-built tensors that stays out of ``torch.compile``'s way.
+
+``functools.lru_cache`` is opaque to dynamo (a graph break). ``eager_cache`` caches in eager code and, while
+dynamo traces, calls the function itself, so its few index ops become part of the compiled graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+
+def eager_cache(maxsize: int) -> Callable[[F], F]:
+    """``functools.lru_cache(maxsize)`` in eager mode; a plain call while torch.compile traces."""
+
+    def wrap(fn: F) -> F:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            if torch.compiler.is_compiling():
+                return fn(*args)
+            return cached(*args)
+
+        call.cache_clear = cached.cache_clear
+        return call
+
+    return wrap
