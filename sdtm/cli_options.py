@@ -24,6 +24,7 @@ _HELP = {
     "merge_attn": "allow merging before attention",
     "merge_mlp": "allow merging before the feed-forward",
     "cache_each_step": "refresh the output caches at every merging step",
+    "cuda_graphs": "replay each distinct step as a CUDA graph (CUDA devices)",
 }
 
 

@@ -39,6 +39,8 @@ class SDTMConfig:
             The caches hold 2 (3 with dual attention) x layers x B x N x C values. True.
         backend: "torch" (pure-torch reference ops), "cpp" (compiled CPU ops), "triton" (GPU ops), or
             "auto" (the fastest one built for the tensors' device). "auto".
+        cuda_graphs: replay the transformer's calls as CUDA graphs, one per distinct step (sdtm/graphs.py);
+            needs the model on a CUDA device. Changes no output. False.
     """
 
     ratio: float = 0.3
@@ -58,6 +60,7 @@ class SDTMConfig:
     merge_mlp: bool = True
     cache_each_step: bool = True
     backend: str = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         _check_real("ratio", self.ratio, 0.0, 1.0)
@@ -83,7 +86,7 @@ class SDTMConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, minimum=None)
-        for name in ("use_rand", "pseudo_merge", "merge_attn", "merge_mlp", "cache_each_step"):
+        for name in ("use_rand", "pseudo_merge", "merge_attn", "merge_mlp", "cache_each_step", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.backend not in BACKENDS:

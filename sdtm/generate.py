@@ -270,6 +270,8 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
         from .ops import ops_for
 
         ops_for(sdtm.backend, device)  # raises ValueError if the backend cannot run on this device
+        if sdtm.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}.")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     for option in ("model", "prompts", "out"):
         _check_utf8_path(option, getattr(args, option))

@@ -7,10 +7,11 @@ from typing import Any, Callable
 
 import torch
 
-from .block import BlockLink, sdtm_block_forward
+from . import graphs
+from .block import sdtm_block_forward
 from .config import SDTMConfig
 from .ops import check_backend
-from .state import SDTMState
+from .state import BlockLink, SDTMState
 
 BLOCK_CLASS_NAME = "JointTransformerBlock"
 _patched_classes: dict[type, type] = {}
@@ -36,6 +37,7 @@ def apply_SDTM(
     cache_each_step: bool = True,
     backend: str = "auto",
     scheduler: Any = None,
+    cuda_graphs: bool = False,
 ) -> Any:
     """Patch a ``StableDiffusion3Pipeline`` (or an ``SD3Transformer2DModel``) with SDTM and return it.
 
@@ -65,6 +67,7 @@ def apply_SDTM(
         merge_mlp=merge_mlp,
         cache_each_step=cache_each_step,
         backend=backend,
+        cuda_graphs=cuda_graphs,
     )
     return apply_sdtm(pipe, config, scheduler=scheduler)
 
@@ -92,6 +95,9 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
         state.links.append(link)
         block._sdtm = link
         block.__class__ = _patched_class(type(block))
+    if config.cuda_graphs and graphs.graph_stats(transformer) is None:
+        graphs.enable_cuda_graphs(transformer)
+        transformer._sdtm_enabled_graphs = True
     return module
 
 
@@ -109,6 +115,10 @@ def remove_sdtm(module: Any) -> Any:
         del transformer._sdtm_hook
     if hasattr(transformer, "_sdtm_state"):
         del transformer._sdtm_state
+    if transformer.__dict__.pop("_sdtm_enabled_graphs", False):
+        graphs.disable_cuda_graphs(transformer)
+    elif (runner := getattr(transformer, graphs.GRAPHS_ATTRIBUTE, None)) is not None:
+        runner.clear()  # graphs captured with SDTM's blocks are of no use without them
     for submodule in transformer.modules():
         parent = type(submodule).__dict__.get("_sdtm_parent")
         if parent is not None:

@@ -115,6 +115,7 @@ class SDTMState:
     _timesteps: torch.Tensor | None = None
     _timestep_values: list[float] = field(default_factory=list)
     _remove_buffer: torch.Tensor | None = None
+    _draw_buffer: torch.Tensor | None = None  # [L, B, W] random destinations of a call, filled in place
 
     def reset(self) -> None:
         """Forget the current generation: step, generator, records; caches become invalid and merge
@@ -212,7 +213,10 @@ class SDTMState:
         if action.mode is BlockMode.UNCHANGED:
             return {}, {}
         names = [n for n in SUBLAYERS if n != "attn2" or link.has_attn2]
-        cache_in = {n: stream.caches[(n, link.layer)] for n in names if (n, link.layer) in stream.valid}
+        cache_in = {}
+        if action.mode is BlockMode.MERGED:  # only merged sub-layers blend
+            merging = [n for n in names if (action.merge_mlp if n == "mlp" else action.merge_attn)]
+            cache_in = {n: stream.caches[(n, link.layer)] for n in merging if (n, link.layer) in stream.valid}
         cache_out = {}
         for name in names:
             if not (action.store_mlp_cache if name == "mlp" else action.store_attn_cache):
@@ -248,10 +252,33 @@ class SDTMState:
             age_exists = age_exists or action.mode is BlockMode.MERGED
         if needed == 0:
             return []
+        shape = (self.num_layers, batch, grid.num_windows)
+        buffer = self._draw_buffer
+        if buffer is None or tuple(buffer.shape) != shape or buffer.device != device:
+            buffer = self._draw_buffer = torch.empty(shape, dtype=torch.int64, device=device)
         generator = self.random_generator(device)
-        drawn = torch.randint(grid.window_size, (needed, batch, grid.num_windows), generator=generator,
-                              device=generator.device)
-        return list(drawn.to(device).unbind(0))
+        if generator.device == device:
+            torch.randint(grid.window_size, (needed, batch, grid.num_windows), generator=generator,
+                          out=buffer[:needed])
+        else:
+            buffer[:needed].copy_(torch.randint(grid.window_size, (needed, batch, grid.num_windows),
+                                                generator=generator, device=generator.device))
+        return list(buffer[:needed].unbind(0))
+
+    def graph_signature(self) -> tuple:
+        """What a captured CUDA graph of the current call depends on beyond the call's own inputs: every
+        block's action and the addresses of the tensors it reads and writes (sdtm/graphs.py)."""
+
+        def address(tensor: torch.Tensor | None) -> int | None:
+            return None if tensor is None else tensor.data_ptr()
+
+        return (self.ops.name if self.ops is not None else None, self.grid, tuple(
+            (_work(link.action), link.age_exists and _reads_age_existence(link.action), address(link.dst_draw),
+             address(link.stream.merge_age),
+             tuple(sorted((name, address(t)) for name, t in link.cache_in.items())),
+             tuple(sorted((name, address(t)) for name, t in link.cache_out.items())))
+            for link in self.links
+        ))
 
     def _locate(self, timestep: torch.Tensor | float) -> int:
         step = self._locate_view(timestep)
@@ -327,3 +354,15 @@ def _needs_draw(action: BlockAction, age_exists: bool) -> bool:
     if action.mode is not BlockMode.MERGED:
         return False
     return action.phase is Phase.STRUCTURE or not age_exists
+
+
+def _reads_age_existence(action: BlockAction) -> bool:
+    """Whether a block's work depends on T existing yet (IDM destinations fall back to random without it)."""
+    return action.mode is BlockMode.MERGED and action.phase is Phase.DETAIL
+
+
+def _work(action: BlockAction) -> tuple:
+    """The parts of an action the block's tensor work depends on (a protected block's phase is only a label)."""
+    phase = action.phase if action.mode is BlockMode.MERGED else None
+    return (action.mode, phase, action.reduce_num, action.merge_attn, action.merge_mlp, action.store_attn_cache,
+            action.store_mlp_cache, action.reset_merge_age)

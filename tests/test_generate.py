@@ -208,7 +208,7 @@ def test_torchrun_two_processes_write_every_image_once(model, tmp_path):
                                   "blank-txt", "bad-json", "bad-entry", "extension", "both", "neither",
                                   "size", "too-large", "sdtm-setting", "out-is-file", "device",
                                   "guidance-nan", "guidance-inf", "guidance-minus-inf", "guidance-negative",
-                                  "sdtm-inf", "no-sdtm-with-sdtm-setting", "device-meta", "device-absent",
+                                  "sdtm-inf", "cuda-graphs-on-cpu", "no-sdtm-with-sdtm-setting", "device-meta", "device-absent",
                                   "prompt-surrogate", "json-surrogate", "json-surrogate-id"])
 def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, case):
     monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
@@ -235,6 +235,7 @@ def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, c
         "guidance-minus-inf": ["--model", model, "--prompts", good, "--guidance=-inf"],
         "guidance-negative": ["--model", model, "--prompts", good, "--guidance", "-3"],
         "sdtm-inf": ["--model", model, "--prompts", good, "--a-s", "inf"],
+        "cuda-graphs-on-cpu": ["--model", model, "--prompts", good, "--device", "cpu", "--cuda-graphs"],
         "no-sdtm-with-sdtm-setting": ["--model", model, "--prompts", good, "--no-sdtm", "--ratio", "0.5"],
         "device-meta": ["--model", model, "--prompts", good, "--device", "meta"],
         "device-absent": ["--model", model, "--prompts", good, "--device", "xpu"],
