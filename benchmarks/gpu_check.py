@@ -1,0 +1,831 @@
+"""Time SD3-medium generation on one GPU: unmerged and SDTM, eager and on a fast path, into one JSON file.
+
+    python benchmarks/gpu_check.py                       # CUDA: SD3-medium shapes, fp16, 1024x1024, 50 steps
+    python benchmarks/gpu_check.py --device cpu --tiny   # smoke run: a 2-block SD3-shaped model, a few steps
+    bash benchmarks/gpu_check.sh                         # wheels, the GPU tests, then this script
+
+The transformer of SD3-medium with random weights (diffusers' SD3Transformer2DModel with
+sdtm.macs.PRESETS["sd3-medium"]) runs a plain flow-matching denoising loop over random latents and
+random prompt embeddings of 333 text tokens, batch 2 (the classifier-free-guidance batch). Variants:
+
+    unmerged_eager          no SDTM
+    unmerged_fast           no SDTM, the transformer on the fast path
+    sdtm_eager              apply_sdtm(transformer, SDTMConfig(backend=...), scheduler=...)
+    sdtm_fast               the same on the fast path
+    sdtm_aggressive_eager   SDTM with ratio=0.5, deviation=0.0
+    sdtm_aggressive_fast    the same on the fast path
+
+The fast path is CUDA-graph replay (sdtm.graphs: one graph captured per distinct transformer call,
+replayed after), or torch.compile of the transformer's blocks (--fast compile, and the fallback when
+sdtm.graphs cannot be imported; the JSON says which ran and why). Every variant is a copy of one
+transformer that shares its weights, so the variants keep their own SDTM state and graphs side by side.
+
+Measured, per variant: the first generation (Triton compilation, graph capture or compilation included:
+first_generation_seconds), then one generation with an event around every transformer call
+(per_step_ms, per_phase_ms: medians at protected, structure-phase and detail-phase steps, the steps
+classified with SDTM's default schedule for every variant, so the phases compare) and its memory, then
+``--rounds`` interleaved rounds of whole generations timed with CUDA events (perf_counter on the CPU):
+the medians are ``seconds``. ``speedup`` compares each SDTM variant with the unmerged one on the same
+path, ``realised_share`` is that speedup over the theoretical MAC ratio (sdtm.macs.schedule_macs,
+counted on the meta device).
+
+Memory (CUDA): ``peak_memory_bytes`` is what one variant would peak at on its own: the memory in use
+before any variant ran (weights, inputs), plus what the variant keeps between generations (SDTM caches
+and buffers, graph outputs), plus its peak above that during a generation. Graph replays allocate
+nothing: their workspace is in the graphs' pool, reported as ``memory.reserved_growth_bytes``.
+
+``--budget`` caps the run: a variant is skipped (and said so) when its warm-up would start late, and the
+rounds are cut to what fits; a JSON file is written after every stage, so a run stopped early (SIGINT)
+still leaves one. The file is benchmarks/results/gpu-<date>-<device>.json (``--out-dir``, ``--json``),
+copied into $OUT when that variable is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+STARTED = time.perf_counter()
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: this repository's sdtm
+    sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("unmerged_eager", "unmerged_fast", "sdtm_eager", "sdtm_fast", "sdtm_aggressive_eager",
+            "sdtm_aggressive_fast")
+# Warm-up order: when the budget runs short the variants at the end are the ones skipped.
+PRIORITY = ("unmerged_eager", "sdtm_eager", "unmerged_fast", "sdtm_fast", "sdtm_aggressive_eager",
+            "sdtm_aggressive_fast")
+ALWAYS_RUN = ("unmerged_eager", "sdtm_eager")
+AGGRESSIVE = dict(ratio=0.5, deviation=0.0)
+PHASES = ("protected", "structure", "detail")
+TEXT_TOKENS = 333
+# A variant's warm-up starts only while less than this share of --budget is spent.
+WARMUP_SHARE = 0.6
+UNMERGED_H100_SECONDS = 2.8  # one unmerged 50-step 1024x1024 generation, for the printed estimate
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model and generation")
+    model.add_argument("--device", default=None,
+                       help="torch device; default cuda when available, else cpu (cpu only makes sense with --tiny)")
+    model.add_argument("--tiny", action="store_true",
+                       help="smoke settings: a 2-block SD3-shaped transformer (C=128), float32, 256x256, 6 steps, "
+                            "1 round (each can still be set by its own option)")
+    model.add_argument("--size", type=int, default=None, help="image side in pixels (latents are 8x smaller); 1024")
+    model.add_argument("--steps", type=int, default=None, help="denoising steps; 50")
+    model.add_argument("--batch", type=int, default=2, help="batch of every transformer call (CFG: 2); 2")
+    model.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                       help="weights and activations; float16 (float32 with --tiny)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the weights, latents and embeddings; 0")
+    model.add_argument("--threads", type=int, default=None,
+                       help="torch's CPU threads; 1 with --device cpu (timings there are a smoke test only), "
+                            "torch's default otherwise")
+    sdtm = parser.add_argument_group("SDTM and the fast path")
+    sdtm.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default=None,
+                      help="SDTM's op backend; triton on CUDA, auto elsewhere")
+    sdtm.add_argument("--fast", choices=["graphs", "compile"], default=None,
+                      help="the fast path: CUDA-graph replay (sdtm.graphs; on the CPU a stand-in that re-runs "
+                           "each replayed call, for tests) or torch.compile of every transformer block; graphs "
+                           "on CUDA, compile elsewhere; graphs falls back to compile when sdtm.graphs is missing")
+    sdtm.add_argument("--compile-backend", default=None,
+                      help="torch.compile backend of --fast compile; inductor on CUDA, eager elsewhere")
+    sdtm.add_argument("--compile-mode", default=None,
+                      help="torch.compile mode with inductor (e.g. max-autotune-no-cudagraphs, which tunes "
+                           "every matmul and does not fit the budget); inductor's default")
+    sdtm.add_argument("--skip-aggressive", action="store_true",
+                      help="leave out the ratio=0.5, deviation=0.0 variants (their keys hold null)")
+    timing = parser.add_argument_group("timing and budget")
+    timing.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds; 3 (1 with --tiny)")
+    timing.add_argument("--budget", type=float, default=330.0,
+                        help="seconds this script may take: variants whose warm-up would start after "
+                             f"{WARMUP_SHARE * 100:.0f}%% of it are skipped and the rounds are cut to fit; "
+                             "0: no cap. 330")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"),
+                        help="folder of gpu-<date>-<device>.json; benchmarks/results")
+    output.add_argument("--json", default=None, help="write the JSON here instead")
+    output.add_argument("--no-out-copy", action="store_true", help="do not copy the JSON into $OUT")
+    shell = parser.add_argument_group("recorded from gpu_check.sh")
+    shell.add_argument("--tests-exit-code", type=int, default=None, help="exit code of the GPU tests")
+    shell.add_argument("--tests-summary", default=None, help="pytest's summary line")
+    shell.add_argument("--tests-seconds", type=float, default=None, help="seconds the tests took")
+    shell.add_argument("--install-seconds", type=float, default=None, help="seconds the wheel install took")
+    shell.add_argument("--started-at", type=float, default=None,
+                       help="Unix time the whole check started (wall_seconds then counts from it)")
+    args = parser.parse_args(argv)
+    for name in ("size", "steps", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be positive, got {value}")
+    if args.batch < 1:
+        parser.error(f"--batch must be positive, got {args.batch}")
+    if args.size is not None and args.size % 16:
+        parser.error(f"--size must be a multiple of 16 (8x VAE factor, patch 2), got {args.size}")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on the device and on --tiny (needs torch)."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available; use --device cpu --tiny")
+    cuda = args.device.type == "cuda"
+    args.size = args.size or (256 if args.tiny else 1024)
+    args.steps = args.steps or (6 if args.tiny else 50)
+    args.rounds = args.rounds or (1 if args.tiny else 3)
+    args.dtype = args.dtype or ("float32" if args.tiny or not cuda else "float16")
+    args.backend = args.backend or ("triton" if cuda else "auto")
+    args.fast = args.fast or ("graphs" if cuda else "compile")
+    args.compile_backend = args.compile_backend or ("inductor" if cuda else "eager")
+    args.threads = args.threads or (None if cuda else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """CUDA events on a CUDA device, perf_counter elsewhere."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def mark(self):
+        if self.cuda:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        """Seconds between two marks (call after ``sync``)."""
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+    def time(self, fn) -> tuple[float, object]:
+        """(seconds, result) of ``fn()``, synchronised before and after."""
+        self.sync()
+        start = self.mark()
+        result = fn()
+        end = self.mark()
+        self.sync()
+        return self.seconds(start, end), result
+
+
+class StepTimer:
+    """Marks around every transformer call of one generation."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.marks: list[tuple[object, object]] = []
+        self._start = None
+
+    def start(self) -> None:
+        self._start = self.clock.mark()
+
+    def stop(self) -> None:
+        self.marks.append((self._start, self.clock.mark()))
+
+    def milliseconds(self) -> list[float]:
+        self.clock.sync()
+        return [self.clock.seconds(a, b) * 1e3 for a, b in self.marks]
+
+
+class Elapsed:
+    """Wall-clock seconds of the script's stages, printed as each ends."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+        self._stage, self._since = None, time.perf_counter()
+
+    def begin(self, stage: str) -> None:
+        self.end()
+        self._stage, self._since = stage, time.perf_counter()
+        print(f"[{self.total():6.1f} s] {stage} ...", flush=True)
+
+    def end(self) -> None:
+        if self._stage is not None:
+            seconds = time.perf_counter() - self._since
+            self.stages[self._stage] = round(seconds, 3)
+            print(f"[{self.total():6.1f} s] {self._stage}: {seconds:.1f} s", flush=True)
+            self._stage = None
+
+    @staticmethod
+    def total() -> float:
+        return time.perf_counter() - STARTED
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def build_transformer(args):
+    """SD3-medium's transformer (or the tiny SD3-shaped one) with random weights, on the device, in eval
+    mode; and its config as a plain dict (for the MAC count)."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    latent = args.size // 8
+    if args.tiny:
+        from sdtm.bench import sd3_shaped_transformer
+
+        model = sd3_shaped_transformer(num_layers=2, heads=2, sample_size=max(128, latent), seed=args.seed,
+                                       device=args.device, dtype=dtype)
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        from sdtm.macs import PRESETS
+
+        torch.manual_seed(args.seed)
+        try:
+            # Built on the device: random initialisation of two billion weights on the host is slow.
+            with torch.device(args.device):
+                model = SD3Transformer2DModel(**PRESETS["sd3-medium"])
+        except Exception as error:
+            print(f"building on {args.device} failed ({type(error).__name__}: {error}); building on the CPU",
+                  flush=True)
+            torch.manual_seed(args.seed)
+            model = SD3Transformer2DModel(**PRESETS["sd3-medium"])
+        # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts.
+        model = torch.nn.Module.to(model, device=args.device, dtype=dtype).eval()
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()  # the float32 copy
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    return model, config
+
+
+def shared_copy(module):
+    """A deep copy of ``module`` that shares its parameters and buffers (no memory for weights)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def make_generation(transformer, args):
+    """A flow-matching denoising loop over ``transformer`` (sdtm.bench.Denoiser: its own scheduler, random
+    latents, 333-token prompt embeddings), with an optional timer around each transformer call."""
+    import torch
+
+    from sdtm.bench import Denoiser
+
+    class Generation(Denoiser):
+        @torch.no_grad()
+        def __call__(self, timer: StepTimer | None = None) -> torch.Tensor:
+            self.scheduler.set_timesteps(self.steps, device=self.latents.device)
+            x = self.latents
+            for t in self.scheduler.timesteps:
+                if timer is not None:
+                    timer.start()
+                out = self.transformer(hidden_states=x, timestep=t.expand(x.shape[0]),
+                                       encoder_hidden_states=self.context, pooled_projections=self.pooled,
+                                       return_dict=False)[0]
+                if timer is not None:
+                    timer.stop()
+                x = self.scheduler.step(out, t, x, return_dict=False)[0]
+            return x
+
+    latent = args.size // 8
+    return Generation(transformer, latent, latent, args.steps, args.batch, seed=args.seed)
+
+
+class RerunCapture:
+    """CPU stand-in for CUDA-graph capture (sdtm.graphs' ``capture`` argument): a replay runs the captured
+    call again on the static inputs and writes the static outputs. Exercises the graphed path on the CPU."""
+
+    def check(self, tensors) -> None:
+        pass
+
+    def capture(self, run, example_outputs):
+        from torch.utils import _pytree as pytree
+
+        static = pytree.tree_map(lambda x: x.clone() if hasattr(x, "clone") else x, example_outputs)
+
+        def replay():
+            fresh = run()
+            for target, value in zip(pytree.tree_leaves(static), pytree.tree_leaves(fresh)):
+                if hasattr(target, "copy_"):
+                    target.copy_(value)
+
+        return replay, static
+
+
+def graphs_module():
+    """(sdtm.graphs, None), or (None, why it cannot be imported)."""
+    try:
+        from sdtm import graphs
+
+        graphs.enable_cuda_graphs, graphs.disable_cuda_graphs  # noqa: B018 (the API this script uses)
+    except Exception as error:  # ImportError, AttributeError, or an error inside the module
+        return None, f"sdtm.graphs cannot be used ({type(error).__name__}: {error})"
+    return graphs, None
+
+
+class FastPath:
+    """How a variant's transformer is put on the fast path: graph replay or compiled blocks."""
+
+    def __init__(self, args):
+        self.args = args
+        self.note = None
+        self.graphs = None
+        self.mode = None
+        if args.fast == "graphs":
+            self.graphs, self.note = graphs_module()
+        self.kind = "cuda_graphs" if self.graphs is not None else "torch.compile"
+        if self.kind == "cuda_graphs":
+            self.detail = ("sdtm.graphs: one CUDA graph captured per distinct transformer call, replayed after"
+                           if args.device.type == "cuda" else
+                           "sdtm.graphs with a CPU stand-in capture (a replay runs the call again): a smoke "
+                           "run of the graphed path, not a fast path")
+        else:
+            self.mode = args.compile_mode if args.compile_backend == "inductor" else None
+            self.detail = (f"torch.compile of every transformer block (backend {args.compile_backend!r}"
+                           + (f", mode {self.mode!r}" if self.mode else "") + "); the rest of the transformer eager")
+
+    def config(self, sdtm_config):
+        """The SDTMConfig of a fast SDTM variant: ``cuda_graphs=True`` where the field exists on CUDA."""
+        if (self.kind == "cuda_graphs" and self.args.device.type == "cuda"
+                and "cuda_graphs" in getattr(type(sdtm_config), "__dataclass_fields__", {})):
+            return sdtm_config.replace(cuda_graphs=True)
+        return sdtm_config
+
+    def prepare(self, transformer, sdtm_config) -> str:
+        """Put ``transformer`` on the fast path before SDTM (if any) is applied with ``config(...)``;
+        returns how."""
+        if self.kind == "cuda_graphs":
+            if sdtm_config is not None and getattr(self.config(sdtm_config), "cuda_graphs", False):
+                return "SDTMConfig(cuda_graphs=True)"  # apply_sdtm enables them
+            if self.args.device.type == "cuda":
+                self.graphs.enable_cuda_graphs(transformer)
+            else:
+                self.graphs.enable_cuda_graphs(transformer, capture=RerunCapture())
+            return "enable_cuda_graphs(transformer)"
+        return "blocks compiled"
+
+    def finish(self, transformer) -> None:
+        """After SDTM is applied: compile the blocks (compile path)."""
+        if self.kind != "torch.compile":
+            return
+        import torch
+
+        from sdtm.patch import _joint_blocks
+
+        # Every variant, block form and token count is a compiled variant of the blocks' forward: raise
+        # dynamo's limits so that none falls back to eager.
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+        kwargs = dict(backend=self.args.compile_backend)
+        if self.mode:
+            kwargs["mode"] = self.mode
+        for block in _joint_blocks(transformer):
+            block.compile(**kwargs)
+
+    def stats(self, transformer) -> dict | None:
+        if self.kind != "cuda_graphs" or not hasattr(self.graphs, "graph_stats"):
+            return None
+        return self.graphs.graph_stats(transformer)
+
+
+class Variant:
+    def __init__(self, name: str, sdtm_config, fast: bool):
+        self.name, self.sdtm_config, self.fast = name, sdtm_config, fast
+        self.transformer = None
+        self.generation = None
+        self.how = None
+
+    def setup(self, base, args, fast_path: FastPath) -> None:
+        from sdtm import apply_sdtm
+
+        self.transformer = base if self.name == "unmerged_eager" else shared_copy(base)
+        self.generation = make_generation(self.transformer, args)
+        config = self.sdtm_config
+        if self.fast:
+            self.how = fast_path.prepare(self.transformer, config)
+            config = fast_path.config(config) if config is not None else None
+        if config is not None:
+            apply_sdtm(self.transformer, config, scheduler=self.generation.scheduler)
+        if self.fast:
+            fast_path.finish(self.transformer)
+
+    def __call__(self, timer: StepTimer | None = None):
+        return self.generation(timer)
+
+
+def variants(args) -> list[Variant]:
+    from sdtm import SDTMConfig
+
+    default = SDTMConfig(backend=args.backend)
+    aggressive = default.replace(**AGGRESSIVE)
+    specs = {"unmerged_eager": (None, False), "unmerged_fast": (None, True), "sdtm_eager": (default, False),
+             "sdtm_fast": (default, True), "sdtm_aggressive_eager": (aggressive, False),
+             "sdtm_aggressive_fast": (aggressive, True)}
+    names = [n for n in PRIORITY if not (args.skip_aggressive and "aggressive" in n)]
+    return [Variant(name, *specs[name]) for name in names]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def step_phases(steps: int) -> list[str]:
+    """Each step's phase under SDTM's default schedule: protected, structure or detail."""
+    from sdtm import SDTMConfig
+    from sdtm.schedule import Phase, is_protected_step, phase_at_step
+
+    default = SDTMConfig()
+    return ["protected" if is_protected_step(default, s) else
+            ("structure" if phase_at_step(default, s) is Phase.STRUCTURE else "detail") for s in range(steps)]
+
+
+def phase_medians(step_ms: list[float], phases: list[str]) -> dict[str, float | None]:
+    out = {}
+    for phase in PHASES:
+        values = [ms for ms, p in zip(step_ms, phases) if p == phase]
+        out[phase] = round(statistics.median(values), 4) if values else None
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "diffusers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception as error:  # not installed, or broken
+            out[name] = None
+            out[f"{name}_error"] = f"{type(error).__name__}: {error}"
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                       timeout=10).stdout.strip() or None
+    except Exception:
+        out["commit"] = None
+    return out
+
+
+def relative_difference(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class Report:
+    """The JSON document, written after every stage."""
+
+    def __init__(self, args, path: Path):
+        self.args, self.path = args, path
+        self.data: dict = {}
+
+    def write(self, status: str) -> None:
+        self.data["status"] = status
+        self.data["script_seconds"] = round(Elapsed.total(), 3)
+        started = self.args.started_at
+        self.data["wall_seconds"] = round(time.time() - started if started else Elapsed.total(), 3)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+        out = os.environ.get("OUT")
+        if out and not self.args.no_out_copy:
+            try:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.path, Path(out) / self.path.name)
+            except OSError as error:
+                print(f"could not copy the JSON into $OUT ({error})", file=sys.stderr)
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarise(data: dict) -> str:
+    s, sp, rs = data["seconds"], data["speedup"], data["realised_share"]
+    first, phase, mem = data["first_generation_seconds"], data["per_phase_ms"], data["peak_memory_bytes"]
+    settings = data["settings"]
+    lines = [
+        f"{data['device']}: torch {data['torch']}, triton {data['triton']}, {settings['dtype']}, "
+        f"{settings['size'][0]}x{settings['size'][1]}, {settings['steps']} steps, batch {settings['batch']}, "
+        f"{settings['rounds'] or 0} rounds; fast path {data['fast_path']}",
+        f"MAC ratio {data['mac_ratio']:.3f} (defaults), {data['mac_ratio_aggressive']:.3f} (aggressive)"
+        if data.get("mac_ratio") and data.get("mac_ratio_aggressive") else f"MAC ratio {data.get('mac_ratio')}",
+        f"{'variant':24}{'median s':>10}{'speedup':>9}{'of MACs':>9}{'first s':>9}"
+        f"{'prot ms':>9}{'struct ms':>10}{'detail ms':>10}{'peak GiB':>9}",
+    ]
+
+    def fmt(value, spec):
+        if isinstance(value, (int, float)):
+            return format(value, spec)
+        return "-".rjust(int(re.match(r"\d*", spec).group() or 0))
+
+    for name in VARIANTS:
+        p = phase.get(name) or {}
+        gib = mem.get(name) / 2**30 if isinstance(mem.get(name), (int, float)) else None
+        lines.append(f"{name:24}{fmt(s.get(name), '10.3f')}{fmt(sp.get(name), '9.3f')}"
+                     f"{fmt(rs.get(name), '9.1%')}{fmt(first.get(name), '9.2f')}"
+                     f"{fmt(p.get('protected'), '9.2f')}{fmt(p.get('structure'), '10.2f')}"
+                     f"{fmt(p.get('detail'), '10.2f')}{fmt(gib, '9.2f')}")
+    tests = data.get("tests") or {}
+    if tests.get("exit_code") is not None:
+        lines.append(f"tests: exit {tests['exit_code']}, {tests.get('summary')}")
+    for name, error in data.get("errors", {}).items():
+        lines.append(f"error in {name}: {error}")
+    for name, why in data.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {why}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def run(args, report: Report, elapsed: Elapsed) -> None:
+    import torch
+
+    from sdtm import SDTMConfig
+    from sdtm.macs import schedule_macs
+
+    cuda = args.device.type == "cuda"
+    clock = Clock(args.device)
+    data = report.data
+    name = device_name(args.device)
+    info = versions()
+    fast_path = FastPath(args)
+    phases = step_phases(args.steps)
+    empty = {v: None for v in VARIANTS}
+    data.update({
+        "device": name, "torch": info["torch"], "triton": info.get("triton"), "versions": info,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fast_path": fast_path.kind, "fast_path_detail": fast_path.detail, "fast_path_note": fast_path.note,
+        "settings": {"model": "tiny SD3-shaped (2 blocks, C=128)" if args.tiny else "sd3-medium, random weights",
+                     "size": [args.size, args.size], "latent": [args.size // 8, args.size // 8],
+                     "steps": args.steps, "batch": args.batch, "dtype": args.dtype, "text_tokens": TEXT_TOKENS,
+                     "rounds": None, "rounds_requested": args.rounds, "backend": args.backend,
+                     "fast": args.fast, "seed": args.seed, "budget_seconds": args.budget,
+                     "aggressive": AGGRESSIVE, "skip_aggressive": args.skip_aggressive},
+        "tests": {"exit_code": args.tests_exit_code, "summary": args.tests_summary,
+                  "seconds": args.tests_seconds},
+        "mac_ratio": None, "mac_ratio_aggressive": None,
+        "seconds": dict(empty), "speedup": {}, "realised_share": {}, "fast_path_gain": {},
+        "first_generation_seconds": dict(empty), "per_phase_ms": dict(empty), "per_step_ms": dict(empty),
+        "step_phases": phases, "peak_memory_bytes": dict(empty), "memory": {}, "graph_stats": {},
+        "output_check": {}, "round_seconds": {}, "errors": {}, "skipped": {},
+        "stages_seconds": elapsed.stages,
+        "shell_seconds": {"install": args.install_seconds, "tests": args.tests_seconds},
+    })
+    if fast_path.note:
+        print(f"note: {fast_path.note}; the fast path is torch.compile", flush=True)
+    print(f"{name}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
+          f"fast path {fast_path.kind} ({fast_path.detail})", flush=True)
+    if cuda and not args.tiny:
+        per_gen = UNMERGED_H100_SECONDS * args.steps / 50 * (args.size / 1024) ** 2 * args.batch / 2
+        count = 6 - 2 * args.skip_aggressive
+        # A warm-up is about 1.5 generations (graph capture, Triton compilation), then one instrumented
+        # generation and the rounds; SDTM's eager generations are assumed no faster than unmerged ones.
+        print(f"expected on an H100: about {30 + count * per_gen * (2.5 + args.rounds):.0f} s in all "
+              f"({per_gen:.1f} s per unmerged generation)", flush=True)
+
+    elapsed.begin("build the transformer")
+    base, config = build_transformer(args)
+
+    elapsed.begin("MAC count (meta device)")
+    data["macs"] = {}
+    for key, sdtm_config in (("mac_ratio", SDTMConfig()), ("mac_ratio_aggressive", SDTMConfig(**AGGRESSIVE))):
+        try:
+            counted = schedule_macs(config, args.size, args.size, args.steps, batch=args.batch, sdtm=sdtm_config)
+        except Exception as error:  # the timing goes on without the ratio
+            data["errors"][key] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+            continue
+        data[key] = counted.mac_ratio
+        data["macs"][key] = {"baseline_macs": counted.baseline_macs, "sdtm_macs": counted.sdtm_macs}
+        print(f"  {key} {counted.mac_ratio:.3f} ({counted.baseline_macs / 1e9:.1f} -> "
+              f"{counted.sdtm_macs / 1e9:.1f} GMACs)", flush=True)
+    mac_for = {"sdtm_eager": data["mac_ratio"], "sdtm_fast": data["mac_ratio"],
+               "sdtm_aggressive_eager": data["mac_ratio_aggressive"],
+               "sdtm_aggressive_fast": data["mac_ratio_aggressive"]}
+    report.write("running")
+
+    runs = variants(args)
+    for v in VARIANTS:
+        if v not in {r.name for r in runs}:
+            data["skipped"][v] = "--skip-aggressive"
+    clock.sync()
+    base_bytes = torch.cuda.memory_allocated(args.device) if cuda else None
+    data["memory"] = {"base_bytes": base_bytes, "persistent_bytes": {}, "transient_peak_bytes": {},
+                      "reserved_growth_bytes": {}, "raw_peak_bytes": {},
+                      "note": "peak_memory_bytes = base_bytes + persistent_bytes + transient_peak_bytes, as if the "
+                              "variant ran alone; raw_peak_bytes counts the other variants' resident state too"}
+    report.write("running")
+
+    elapsed.begin("warm-up: the first generation of each variant")
+    ready: list[Variant] = []
+    for variant in runs:
+        if variant.name not in ALWAYS_RUN and args.budget and Elapsed.total() > WARMUP_SHARE * args.budget:
+            data["skipped"][variant.name] = (f"budget: {Elapsed.total():.0f} s of {args.budget:.0f} s spent "
+                                             "before its warm-up")
+            print(f"  skipping {variant.name}: {data['skipped'][variant.name]}", flush=True)
+            continue
+        try:
+            clock.sync()
+            if cuda:
+                before = torch.cuda.memory_allocated(args.device)
+                reserved = torch.cuda.memory_reserved(args.device)
+            variant.setup(base, args, fast_path)
+            seconds, _ = clock.time(variant)
+            if cuda:
+                data["memory"]["persistent_bytes"][variant.name] = torch.cuda.memory_allocated(args.device) - before
+                data["memory"]["reserved_growth_bytes"][variant.name] = (torch.cuda.memory_reserved(args.device)
+                                                                         - reserved)
+        except Exception as error:
+            data["errors"][variant.name] = f"{type(error).__name__}: {error}"
+            print(f"  {variant.name} failed:\n{traceback.format_exc()}", flush=True)
+            continue
+        data["first_generation_seconds"][variant.name] = seconds
+        if variant.how:
+            data.setdefault("fast_path_enabled_by", {})[variant.name] = variant.how
+        ready.append(variant)
+        print(f"  {variant.name:24} first generation {seconds:8.3f} s", flush=True)
+        report.write("running")
+
+    elapsed.begin("one generation per variant with an event around every transformer call")
+    outputs = {}
+    generation_seconds = {}
+    for variant in list(ready):
+        try:
+            timer = StepTimer(clock)
+            if cuda:
+                clock.sync()
+                torch.cuda.reset_peak_memory_stats(args.device)
+                start_bytes = torch.cuda.memory_allocated(args.device)
+            wall = time.perf_counter()
+            out = variant(timer)
+            step_ms = timer.milliseconds()
+            generation_seconds[variant.name] = time.perf_counter() - wall
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(args.device)
+                mem = data["memory"]
+                mem["raw_peak_bytes"][variant.name] = peak
+                mem["transient_peak_bytes"][variant.name] = peak - start_bytes
+                data["peak_memory_bytes"][variant.name] = (base_bytes + mem["persistent_bytes"][variant.name]
+                                                           + peak - start_bytes)
+        except Exception as error:
+            data["errors"][variant.name] = f"{type(error).__name__}: {error}"
+            print(f"  {variant.name} failed:\n{traceback.format_exc()}", flush=True)
+            ready.remove(variant)
+            continue
+        outputs[variant.name] = out
+        data["per_step_ms"][variant.name] = [round(ms, 4) for ms in step_ms]
+        data["per_phase_ms"][variant.name] = phase_medians(step_ms, phases)
+        p = data["per_phase_ms"][variant.name]
+        print(f"  {variant.name:24} " + "  ".join(f"{k} {v:.2f} ms" if v is not None else f"{k} -"
+                                                   for k, v in p.items()), flush=True)
+    for variant in ready:
+        stats = fast_path.stats(variant.transformer) if variant.fast else None
+        if stats is not None:
+            data["graph_stats"][variant.name] = stats
+    for name, out in outputs.items():
+        check = {"finite": bool(torch.isfinite(out).all())}
+        if name.endswith("_fast") and name.replace("_fast", "_eager") in outputs:
+            check["relative_difference_vs_eager"] = relative_difference(out, outputs[name.replace("_fast", "_eager")])
+        if name.startswith("sdtm") and "unmerged_eager" in outputs:
+            check["relative_difference_vs_unmerged"] = relative_difference(out, outputs["unmerged_eager"])
+        data["output_check"][name] = check
+    outputs.clear()
+    report.write("running")
+
+    elapsed.begin("timed rounds, interleaved")
+    per_round = sum(generation_seconds.values())
+    rounds = args.rounds
+    if args.budget:
+        left = args.budget - Elapsed.total() - 5.0
+        rounds = max(0, min(rounds, int(left // per_round))) if per_round > 0 else rounds
+    data["settings"]["rounds"] = rounds
+    times: dict[str, list[float]] = {v.name: [] for v in ready}
+    if rounds < args.rounds:
+        print(f"  budget: {rounds} of {args.rounds} rounds fit ({per_round:.1f} s a round)", flush=True)
+    for r in range(rounds):
+        for variant in ready:
+            if variant.name in data["errors"]:
+                continue
+            try:
+                seconds, _ = clock.time(variant)
+            except Exception as error:
+                data["errors"][variant.name] = f"{type(error).__name__}: {error}"
+                print(f"  {variant.name} failed:\n{traceback.format_exc()}", flush=True)
+                continue
+            times[variant.name].append(seconds)
+        data["round_seconds"] = {k: [round(s, 5) for s in v] for k, v in times.items()}
+        for k, v in times.items():
+            if v:
+                data["seconds"][k] = statistics.median(v)
+        fill_ratios(data, mac_for)
+        report.write("running")
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items() if v),
+              flush=True)
+    if rounds == 0:
+        data["seconds_source"] = "the instrumented generation, wall clock (no timed round fitted the budget)"
+        for variant in ready:
+            data["seconds"][variant.name] = generation_seconds[variant.name]
+        fill_ratios(data, mac_for)
+    else:
+        data["seconds_source"] = f"median of {rounds} interleaved rounds"
+    for variant in ready:
+        stats = fast_path.stats(variant.transformer) if variant.fast else None
+        if stats is not None:
+            data["graph_stats"][variant.name] = stats
+    elapsed.end()
+
+
+def fill_ratios(data: dict, mac_for: dict) -> None:
+    s = data["seconds"]
+    speedup = {}
+    for name in ("sdtm_eager", "sdtm_fast", "sdtm_aggressive_eager", "sdtm_aggressive_fast"):
+        reference = "unmerged_fast" if name.endswith("_fast") else "unmerged_eager"
+        speedup[name] = ratio(s.get(reference), s.get(name))
+    data["speedup"] = speedup
+    data["realised_share"] = {name: ratio(value, mac_for[name]) for name, value in speedup.items()}
+    data["fast_path_gain"] = {
+        "unmerged": ratio(s.get("unmerged_eager"), s.get("unmerged_fast")),
+        "sdtm": ratio(s.get("sdtm_eager"), s.get("sdtm_fast")),
+        "sdtm_aggressive": ratio(s.get("sdtm_aggressive_eager"), s.get("sdtm_aggressive_fast")),
+        "sdtm_fast_vs_unmerged_eager": ratio(s.get("unmerged_eager"), s.get("sdtm_fast")),
+    }
+
+
+def output_path(args) -> Path:
+    """--json, or gpu-<date>-<device>.json in --out-dir (after ``resolve``)."""
+    if args.json:
+        return Path(args.json)
+    name = device_name(args.device) if args.device.type == "cuda" else "cpu"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return Path(args.out_dir) / f"gpu-{date}-{slug(name)}.json"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    elapsed = Elapsed()
+    elapsed.begin("import torch, diffusers and sdtm")
+    args = resolve(args)
+    import diffusers  # noqa: F401 (timed here rather than inside the first stage that needs it)
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    report = Report(args, output_path(args))
+    status = "complete"
+    try:
+        run(args, report, elapsed)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print("interrupted: writing what was measured", file=sys.stderr)
+    except Exception as error:
+        status = "failed"
+        report.data.setdefault("errors", {})["run"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    elapsed.end()
+    report.write(status)
+    try:
+        print(summarise(report.data))
+    except Exception as error:  # a report cut short: the JSON is what matters
+        print(f"(no summary: {type(error).__name__}: {error})")
+    print(f"wrote {report.path} ({status}) after {Elapsed.total():.1f} s")
+    return 0 if status == "complete" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

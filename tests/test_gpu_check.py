@@ -1,0 +1,151 @@
+"""benchmarks/gpu_check.py and gpu_check.sh: the one-command GPU check, smoke-run on the CPU.
+
+The script's smoke mode (--device cpu --tiny: a 2-block SD3-shaped transformer, float32, a few steps)
+runs every variant and writes the same JSON as on a GPU; these tests check its keys and types, never
+its timings."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+SHELL = ROOT / "benchmarks" / "gpu_check.sh"
+VARIANTS = ("unmerged_eager", "unmerged_fast", "sdtm_eager", "sdtm_fast", "sdtm_aggressive_eager",
+            "sdtm_aggressive_fast")
+SDTM_VARIANTS = VARIANTS[2:]
+PHASES = ("protected", "structure", "detail")
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, *options: str, out: Path | None = None) -> dict:
+    """Run the script in smoke mode into ``tmp_path``; returns the JSON it wrote."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    if out is not None:
+        env["OUT"] = str(out)
+    results = tmp_path / "results"
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out-dir", str(results), *options]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = sorted(results.glob("gpu-*-cpu.json"))
+    assert len(written) == 1, written
+    assert "wrote" in done.stdout and "median s" in done.stdout  # the readable summary
+    return json.loads(written[0].read_text())
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_common(data: dict) -> None:
+    for key in ("device", "torch", "date", "fast_path", "status"):
+        assert isinstance(data[key], str), key
+    assert data["triton"] is None or isinstance(data["triton"], str)
+    datetime.datetime.fromisoformat(data["date"])
+    assert data["status"] == "complete" and data["errors"] == {}
+    assert _is_number(data["mac_ratio"]) and data["mac_ratio"] >= 1
+    assert _is_number(data["mac_ratio_aggressive"]) and data["mac_ratio_aggressive"] >= 1
+    assert _is_number(data["wall_seconds"]) and data["wall_seconds"] >= 0
+    settings = data["settings"]
+    assert settings["size"] == [256, 256] and settings["batch"] == 2 and settings["dtype"] == "float32"
+    assert settings["rounds"] == 1
+    for key in ("seconds", "per_phase_ms", "peak_memory_bytes", "first_generation_seconds", "per_step_ms"):
+        assert set(data[key]) == set(VARIANTS), key
+    assert set(data["speedup"]) == set(data["realised_share"]) == set(SDTM_VARIANTS)
+    assert data["peak_memory_bytes"] == dict.fromkeys(VARIANTS)  # no CUDA memory on the CPU
+    assert len(data["step_phases"]) == settings["steps"]
+    assert set(data["step_phases"]) <= set(PHASES)
+
+
+def _check_variant(data: dict, name: str) -> None:
+    assert _is_number(data["seconds"][name]) and data["seconds"][name] > 0
+    assert _is_number(data["first_generation_seconds"][name])
+    phases = data["per_phase_ms"][name]
+    assert set(phases) == set(PHASES)
+    assert all(v is None or _is_number(v) for v in phases.values())
+    assert _is_number(phases["protected"]) and _is_number(phases["structure"])  # step 0 and step 1
+    assert len(data["per_step_ms"][name]) == data["settings"]["steps"]
+    assert data["output_check"][name]["finite"] is True
+    if name in data["speedup"]:
+        assert _is_number(data["speedup"][name]) and _is_number(data["realised_share"][name])
+
+
+def test_smoke_run_with_graphs_writes_every_key(tmp_path):
+    """All six variants, the graphed path with sdtm.graphs' CPU stand-in capture, the test results of the
+    shell script recorded, the JSON copied into $OUT."""
+    out = tmp_path / "out"
+    data = _run(tmp_path, "--fast", "graphs", "--steps", "5", "--tests-exit-code", "0",
+                "--tests-summary", "3 passed in 1.00s", out=out)
+    _check_common(data)
+    assert data["mac_ratio"] > 1 and data["mac_ratio_aggressive"] > 1  # steps 1, 2 and 4 merge
+    for name in VARIANTS:
+        _check_variant(data, name)
+    assert data["fast_path"] == "cuda_graphs" and data["fast_path_note"] is None
+    assert data["tests"] == {"exit_code": 0, "summary": "3 passed in 1.00s", "seconds": None}
+    assert data["skipped"] == {}
+    for name in ("unmerged_fast", "sdtm_fast", "sdtm_aggressive_fast"):
+        stats = data["graph_stats"][name]
+        assert stats["graphs"] >= 1 and stats["replays"] >= 1 and stats["eager"] == 0
+        assert data["output_check"][name]["relative_difference_vs_eager"] < 1e-5
+    assert json.loads((out / next((tmp_path / "results").glob("*.json")).name).read_text()) == data
+
+
+def test_smoke_run_with_compiled_blocks_and_no_aggressive_variants(tmp_path):
+    data = _run(tmp_path, "--fast", "compile", "--steps", "2", "--skip-aggressive")
+    _check_common(data)
+    for name in ("unmerged_eager", "unmerged_fast", "sdtm_eager", "sdtm_fast"):
+        _check_variant(data, name)
+    assert data["fast_path"] == "torch.compile" and "compile" in data["fast_path_detail"]
+    for name in ("sdtm_aggressive_eager", "sdtm_aggressive_fast"):
+        assert data["seconds"][name] is None and data["speedup"][name] is None
+        assert data["skipped"][name] == "--skip-aggressive"
+    assert data["tests"] == {"exit_code": None, "summary": None, "seconds": None}
+
+
+def test_help_needs_neither_diffusers_nor_a_gpu():
+    code = ("import runpy, sys; sys.modules['diffusers'] = None; sys.argv = ['gpu_check.py', '--help']; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for option in ("--fast", "--rounds", "--steps", "--size", "--skip-aggressive", "--tiny", "--budget"):
+        assert option in done.stdout
+
+
+def test_fast_path_falls_back_to_compile_without_sdtm_graphs(monkeypatch):
+    gpu_check = _gpu_check_module()
+    monkeypatch.setattr(gpu_check, "graphs_module", lambda: (None, "sdtm.graphs cannot be used (ImportError: x)"))
+    threads = str(torch.get_num_threads())  # resolve() sets torch's thread count: keep this process's
+    args = gpu_check.resolve(gpu_check.parse_args(["--device", "cpu", "--tiny", "--fast", "graphs",
+                                                   "--threads", threads]))
+    fast = gpu_check.FastPath(args)
+    assert fast.kind == "torch.compile" and "ImportError" in fast.note
+
+
+def test_steps_are_classified_by_the_default_schedule():
+    gpu_check = _gpu_check_module()
+    phases = gpu_check.step_phases(50)
+    # Protected: s % 3 == 0; structure: s <= 20; detail: the rest.
+    assert phases[:5] == ["protected", "structure", "structure", "protected", "structure"]
+    assert phases[21] == "protected" and phases[22] == "detail" and phases[49] == "detail"
+    assert [phases.count(p) for p in PHASES] == [17, 14, 19]
+    medians = gpu_check.phase_medians([3.0, 1.0, 2.0, 5.0, 4.0], phases[:5])
+    assert medians == {"protected": 4.0, "structure": 2.0, "detail": None}
+
+
+def test_shell_script_parses():
+    done = subprocess.run(["bash", "-n", str(SHELL)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
