@@ -392,7 +392,7 @@ class FastPath:
             return
         import torch
 
-        from sdtm.patch import _joint_blocks
+        from sdtm.models import adapter_for
 
         # Every variant, block form and token count is a compiled variant of the blocks' forward: raise
         # dynamo's limits so that none falls back to eager.
@@ -403,7 +403,7 @@ class FastPath:
         kwargs = dict(backend=self.args.compile_backend)
         if self.mode:
             kwargs["mode"] = self.mode
-        for block in _joint_blocks(transformer):
+        for block in adapter_for(transformer).blocks(transformer):
             block.compile(**kwargs)
 
     def stats(self, transformer) -> dict | None:

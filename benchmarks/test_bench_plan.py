@@ -1,10 +1,11 @@
 import pytest
+import torch
 
 from bench_support import BACKENDS, inputs_for, ops, synchronized
 from sdtm import SDTMConfig
-from sdtm.block import compute_plan
+from sdtm.engine import compute_plan
 from sdtm.schedule import BlockAction, BlockMode, Phase
-from sdtm.state import SDTMState
+from sdtm.state import BlockLink, CallStream, SDTMState
 
 
 @pytest.mark.parametrize("phase", [Phase.STRUCTURE, Phase.DETAIL], ids=["ssm", "idm"])
@@ -17,10 +18,15 @@ def test_plan(benchmark, backend, shape, phase):
     state.grid = i.grid
     action = BlockAction(BlockMode.MERGED, phase, reduce_num=i.grid.num_tokens // 2, merge_attn=True, merge_mlp=True)
     op_set = ops(backend)
+    device = i.x.device
+    batch, num_tokens = i.x.shape[:2]
+    stream = CallStream(merge_age=torch.zeros(batch, num_tokens, dtype=torch.int32, device=device))
+    draw = torch.randint(i.grid.window_size, (batch, i.grid.num_windows), device=device)
+    link = BlockLink(state, 0, action=action, stream=stream, dst_draw=draw,
+                     remove=torch.empty(action.reduce_num, dtype=torch.uint8, device=device))
 
     def plan():
-        state.streams.clear()
-        state.generator = None
-        return compute_plan(state, action, i.x, op_set)
+        stream.merge_age.zero_()  # every run is a generation's first merge
+        return compute_plan(link, i.x, op_set)
 
     benchmark(synchronized(plan, backend))

@@ -273,7 +273,7 @@ def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), head
     unmerges (blend, cache refresh, gate, residual). The fused ops are counted whole although they also
     do the block's own norm, gate and residual work, so this is an upper bound of what SDTM adds."""
     check_cpu_backends(backends)
-    from .block import compute_plan
+    from .engine import compute_plan
     from .schedule import BlockAction, BlockMode, Phase
     from .state import BlockLink, CallStream, SDTMState
 

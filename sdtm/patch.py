@@ -8,12 +8,11 @@ from typing import Any, Callable
 import torch
 
 from . import graphs
-from .block import sdtm_block_forward
 from .config import SDTMConfig
+from .models import adapter_for
 from .ops import check_backend
 from .state import BlockLink, SDTMState
 
-BLOCK_CLASS_NAME = "JointTransformerBlock"
 _patched_classes: dict[type, type] = {}
 
 
@@ -80,7 +79,8 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
         raise TypeError(f"config must be an SDTMConfig, got {type(config).__name__}.")
     check_backend(config.backend)
     transformer = _find_transformer(module)
-    blocks = _joint_blocks(transformer)
+    adapter = adapter_for(transformer)
+    blocks = adapter.blocks(transformer)
     timesteps_source = _timesteps_source(module, scheduler)
     patch_size = getattr(getattr(transformer, "config", None), "patch_size", None)
     if not isinstance(patch_size, int):
@@ -88,13 +88,14 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
 
     remove_sdtm(transformer)
     state = SDTMState(config=config, num_layers=len(blocks), timesteps_source=timesteps_source)
+    state.adapter = adapter
     transformer._sdtm_state = state
     transformer._sdtm_hook = transformer.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     for layer, block in enumerate(blocks):
-        link = BlockLink(state, layer, has_attn2=bool(getattr(block, "use_dual_attention", False)))
+        link = BlockLink(state, layer, sublayers=adapter.sublayers(block))
         state.links.append(link)
         block._sdtm = link
-        block.__class__ = _patched_class(type(block))
+        block.__class__ = _patched_class(type(block), adapter.block_forward)
     if config.cuda_graphs and graphs.graph_stats(transformer) is None:
         graphs.enable_cuda_graphs(transformer)
         transformer._sdtm_enabled_graphs = True
@@ -142,24 +143,10 @@ def _find_transformer(module: Any) -> torch.nn.Module:
     transformer = getattr(module, "transformer", None) if not isinstance(module, torch.nn.Module) else module
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(
-            "expected a StableDiffusion3Pipeline (anything with a .transformer module) or an "
-            f"SD3Transformer2DModel, got {type(module).__name__}."
+            "expected a diffusers pipeline (anything with a .transformer module) or its transformer "
+            f"(e.g. SD3Transformer2DModel), got {type(module).__name__}."
         )
     return transformer
-
-
-def _is_joint_block(module: torch.nn.Module) -> bool:
-    return any(cls.__name__ == BLOCK_CLASS_NAME for cls in type(module).__mro__)
-
-
-def _joint_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    blocks = [m for m in transformer.modules() if _is_joint_block(m)]
-    if not blocks:
-        raise ValueError(
-            f"{type(transformer).__name__} has no {BLOCK_CLASS_NAME} blocks; SDTM supports diffusers' "
-            "SD3 / SD3.5 transformers (SD3Transformer2DModel)."
-        )
-    return blocks
 
 
 def _timesteps_source(module: Any, scheduler: Any) -> Callable[[], torch.Tensor | None] | None:
@@ -220,18 +207,14 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     in the module's own state (read from the module, so a deep copy uses its own copy of the state).
     Host-side bookkeeping: never traced by torch.compile."""
     state: SDTMState = module._sdtm_state
-    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    timestep = kwargs["timestep"] if "timestep" in kwargs else (args[3] if len(args) > 3 else None)
-    if timestep is None:
-        raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
-    config = module.config
-    state.begin_call(timestep, hidden_states.shape[-2], hidden_states.shape[-1], config.patch_size)
-    channels = config.num_attention_heads * config.attention_head_dim
-    state.prepare_blocks(hidden_states.shape[0], channels, module.dtype, hidden_states.device)
+    adapter = state.adapter
+    call = adapter.call_info(module, args, kwargs)
+    state.begin_call(call.timestep, call.grid_height, call.grid_width)
+    state.prepare_blocks(call.batch, adapter.channels(module), module.dtype, call.device)
     return None
 
 
-def _patched_class(block_class: type) -> type:
+def _patched_class(block_class: type, forward: Callable) -> type:
     """A runtime subclass whose forward is SDTM's; one per original class, so applying twice is cheap."""
     if "_sdtm_parent" in block_class.__dict__:
         block_class = block_class.__dict__["_sdtm_parent"]
@@ -239,6 +222,6 @@ def _patched_class(block_class: type) -> type:
         _patched_classes[block_class] = type(
             f"SDTM{block_class.__name__}",
             (block_class,),
-            {"forward": sdtm_block_forward, "_sdtm_parent": block_class},
+            {"forward": forward, "_sdtm_parent": block_class},
         )
     return _patched_classes[block_class]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -28,7 +28,6 @@ from .plans import Grid
 from .schedule import BlockAction, BlockMode, Phase, merged_tokens, step_program
 
 TIMESTEP_RTOL = 1e-3  # a timestep cast to fp16 (spacing 0.5 near 1000) still finds its step
-SUBLAYERS = ("attn", "attn2", "mlp")
 
 
 @dataclass
@@ -78,7 +77,7 @@ class BlockLink:
 
     state: "SDTMState"
     layer: int
-    has_attn2: bool = False
+    sublayers: dict[str, str] = field(default_factory=lambda: {"attn": "attn", "mlp": "mlp"})
     action: BlockAction | None = None
     remove: torch.Tensor | None = None
     dst_draw: torch.Tensor | None = None
@@ -99,6 +98,7 @@ class SDTMState:
     config: SDTMConfig
     num_layers: int
     timesteps_source: Callable[[], torch.Tensor | None] | None = None
+    adapter: Any = None  # the model family's ModelAdapter (sdtm/models)
     links: list[BlockLink] = field(default_factory=list)
     # Current step, set by begin_call.
     step: int = -1
@@ -127,8 +127,9 @@ class SDTMState:
         self.generator = None
         self.records.clear()
 
-    def begin_call(self, timestep: torch.Tensor | float, latent_height: int, latent_width: int, patch: int):
-        """Locate the step of a transformer call and start a new generation when needed."""
+    def begin_call(self, timestep: torch.Tensor | float, grid_height: int, grid_width: int):
+        """Locate the step of a transformer call (on a ``grid_height`` x ``grid_width`` token grid) and
+        start a new generation when needed."""
         if self.timesteps_source is None:
             raise RuntimeError(
                 "SDTM needs the denoising schedule to know the current step: apply it to the pipeline "
@@ -149,7 +150,7 @@ class SDTMState:
         self.call_in_step = self.call_in_step + 1 if step == self.step else 0
         self.step = step
         self.num_steps = len(self._timestep_values)
-        grid = Grid(latent_height // patch, latent_width // patch, self.config.sy, self.config.sx)
+        grid = Grid(grid_height, grid_width, self.config.sy, self.config.sx)
         if grid.num_windows == 0 and grid != self.grid:
             warnings.warn(
                 f"SDTM: no {grid.sy}x{grid.sx} window (sy x sx) fits the {grid.height}x{grid.width} token grid, "
@@ -212,14 +213,14 @@ class SDTMState:
         """The valid caches the block may blend with, and the buffers it stores into (allocated once)."""
         if action.mode is BlockMode.UNCHANGED:
             return {}, {}
-        names = [n for n in SUBLAYERS if n != "attn2" or link.has_attn2]
+        kinds = link.sublayers
         cache_in = {}
         if action.mode is BlockMode.MERGED:  # only merged sub-layers blend
-            merging = [n for n in names if (action.merge_mlp if n == "mlp" else action.merge_attn)]
+            merging = [n for n, kind in kinds.items() if (action.merge_mlp if kind == "mlp" else action.merge_attn)]
             cache_in = {n: stream.caches[(n, link.layer)] for n in merging if (n, link.layer) in stream.valid}
         cache_out = {}
-        for name in names:
-            if not (action.store_mlp_cache if name == "mlp" else action.store_attn_cache):
+        for name, kind in kinds.items():
+            if not (action.store_mlp_cache if kind == "mlp" else action.store_attn_cache):
                 continue
             key = (name, link.layer)
             if key not in stream.caches:

@@ -109,3 +109,64 @@ def tiny_prompt_embeds(spec: TinySpec, batch: int = 1, seed: int = 0, dtype=torc
         "negative_prompt_embeds": draw(batch, spec.text_tokens, spec.joint_attention_dim),
         "negative_pooled_prompt_embeds": draw(batch, spec.pooled_projection_dim),
     }
+
+
+@dataclass(frozen=True)
+class TinyPixArtSpec:
+    """Shape of a tiny PixArt-Sigma transformer (learned sigma: twice the latent channels out)."""
+
+    num_layers: int = 2
+    heads: int = 2
+    head_dim: int = 16
+    caption_channels: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    sample_size: int = 32
+    text_tokens: int = 7
+
+    @property
+    def channels(self) -> int:
+        return self.heads * self.head_dim
+
+
+def tiny_pixart_pipeline(spec: TinyPixArtSpec = TinyPixArtSpec(), seed: int = 0, dtype=torch.float32):
+    """A ``PixArtSigmaPipeline`` with a tiny transformer and VAE, no text encoder. Call it with
+    ``tiny_pixart_prompt_embeds``, ``use_resolution_binning=False`` and ``negative_prompt=None``."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=spec.heads,
+        attention_head_dim=spec.head_dim,
+        in_channels=spec.in_channels,
+        out_channels=2 * spec.in_channels,
+        num_layers=spec.num_layers,
+        norm_num_groups=1,
+        cross_attention_dim=spec.channels,
+        sample_size=spec.sample_size,
+        patch_size=spec.patch_size,
+        caption_channels=spec.caption_channels,
+        use_additional_conditions=False,
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny_vae(spec.in_channels, seed, dtype),
+        transformer=transformer.to(dtype).eval(),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_prompt_embeds(spec: TinyPixArtSpec, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
+    """Keyword arguments with random prompt and negative prompt embeddings (and all-ones masks)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, spec.text_tokens, spec.caption_channels)
+    mask = torch.ones(batch, spec.text_tokens, dtype=torch.long)
+    return {
+        "prompt_embeds": torch.randn(*shape, generator=generator).to(dtype),
+        "prompt_attention_mask": mask,
+        "negative_prompt_embeds": torch.randn(*shape, generator=generator).to(dtype),
+        "negative_prompt_attention_mask": mask.clone(),
+    }

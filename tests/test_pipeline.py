@@ -119,7 +119,7 @@ def test_transformer_alone_needs_the_scheduler(sd3_pipe):
     "height, width", [(24, 56), (26, 30), (34, 22)], ids=["nonsquare-12x28", "odd-13x15", "odd-17x11"]
 )
 def test_non_square_and_odd_grids(sd3_pipe, monkeypatch, height, width):
-    from sdtm import block as block_module
+    from sdtm import engine as block_module
 
     plans = []
     original = block_module.compute_plan
@@ -245,20 +245,20 @@ def test_step_found_from_a_view_or_from_the_value(sd3_pipe):
     scheduler.set_timesteps(10)
     state = SDTMState(SDTMConfig(), num_layers=1, timesteps_source=lambda: scheduler.timesteps)
     t = scheduler.timesteps
-    state.begin_call(t[3].expand(2), 32, 32, 2)
+    state.begin_call(t[3].expand(2), 16, 16)
     assert state.step == 3 and state._locate_view(t[3].expand(2)) == 3
     assert state._locate_view(t[4].clone()) is None
-    state.begin_call(t[4].clone().half(), 32, 32, 2)
+    state.begin_call(t[4].clone().half(), 16, 16)
     assert state.step == 4 and state.call_in_step == 0
-    state.begin_call(t[4].clone(), 32, 32, 2)
+    state.begin_call(t[4].clone(), 16, 16)
     assert state.step == 4 and state.call_in_step == 1
     generation = state.generation
-    state.begin_call(t[0].expand(2), 32, 32, 2)  # back to step 0: a new generation
+    state.begin_call(t[0].expand(2), 16, 16)  # back to step 0: a new generation
     assert state.step == 0 and state.generation == generation + 1
     with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
-        state.begin_call(torch.tensor([1234.5]), 32, 32, 2)
+        state.begin_call(torch.tensor([1234.5]), 16, 16)
     with pytest.raises(ValueError, match="one timestep per call"):
-        state.begin_call(torch.stack([t[1], t[2]]), 32, 32, 2)
+        state.begin_call(torch.stack([t[1], t[2]]), 16, 16)
 
 
 @pytest.mark.parametrize("model", ["sd3", "sd35"])

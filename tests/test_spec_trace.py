@@ -6,7 +6,7 @@ import torch
 import spec_oracle
 from support import generate
 from sdtm import apply_SDTM, sdtm_state
-from sdtm import block as block_module
+from sdtm import engine as block_module
 from sdtm.schedule import Phase
 
 

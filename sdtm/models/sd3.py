@@ -1,10 +1,10 @@
-"""SDTM's forward of diffusers' ``JointTransformerBlock``: where image tokens are merged and unmerged.
+"""SD3 / SD3.5 (``SD3Transformer2DModel``): SDTM's forward of diffusers' ``JointTransformerBlock``.
 
 Image stream: norm1 -> plan -> [merge] -> attn (joint with the text tokens) -> [unmerge + blend +
 gate + residual]; (SD3.5 dual attention: attn2 on norm1's second output, merged with the same plan);
 [norm2 + modulation + merge] -> ff -> [unmerge + blend + gate + residual]. The text stream is diffusers'
 own. In merged blocks the adaptive LayerNorms go through the backend's fused ops (sdtm/norms.py), and
-without autograd the residual stream and the caches are updated in place (``finish_sublayer``).
+without autograd the residual stream and the caches are updated in place (``engine.finish_sublayer``).
 
 What a block does at a step was decided on the host before the transformer ran (``BlockLink``, set by
 ``SDTMState.prepare_blocks``); the code below reads no step or layer number, so ``torch.compile`` traces
@@ -22,94 +22,10 @@ from typing import Any
 import torch
 from diffusers.models.attention import _chunked_feed_forward
 
-from . import norms
-from .ops import OpSet
-from .plans import (
-    MergePlan,
-    advance_merge_age_,
-    idm_candidates,
-    idm_destinations,
-    merge_age_priority,
-)
-from .schedule import BlockMode, Phase
-from .state import BlockLink
-
-
-@torch.no_grad()
-def compute_plan(link: BlockLink, metric: torch.Tensor, ops: OpSet) -> MergePlan:
-    """The block's merge plan from its normalised, modulated image tokens ``metric`` [B, N, C]; advances
-    the merge age T of the current call stream in place."""
-    state, action, age = link.state, link.action, link.stream.merge_age
-    config, grid = state.config, state.grid
-    batch = metric.shape[0]
-    reduce_num = link.remove.shape[0]  # a dynamic size under torch.compile, not a constant per step
-    priority = merge_age_priority(age)  # all zero until a merge happens: adds nothing to the scores
-    if link.dst_draw is not None:
-        drawn = link.dst_draw
-    else:
-        drawn = torch.zeros(batch, grid.num_windows, dtype=torch.int64, device=metric.device)
-
-    if action.phase is Phase.STRUCTURE:
-        scores = ops.window_scores(metric, priority, grid.height, grid.width, grid.sy, grid.sx, config.a_s)
-        plan = ops.ssm_plan(scores, grid, reduce_num, drawn, config.pseudo_merge)
-    else:
-        dst_position = idm_destinations(grid, age if link.age_exists else None, drawn)
-        src_idx, dst_idx = idm_candidates(grid, dst_position)
-        score, best = ops.bipartite_match(metric, src_idx, dst_idx, priority, config.a_d)
-        plan = ops.idm_plan(grid, reduce_num, src_idx, dst_idx, score, best, config.pseudo_merge)
-    advance_merge_age_(age, plan)
-    return plan
-
-
-def merge_tokens(x: torch.Tensor, plan: MergePlan | None, link: BlockLink, ops: OpSet) -> torch.Tensor:
-    """``x`` [B, N, C] merged to [B, M, C] with ``plan``, or unchanged when there is no plan."""
-    if plan is None:
-        return x
-    return ops.merge(x, plan.slot, plan.members, plan.offsets, link.state.config.pseudo_merge)
-
-
-def finish_sublayer(
-    link: BlockLink,
-    name: str,
-    residual: torch.Tensor,
-    y: torch.Tensor,
-    gate: torch.Tensor,
-    plan: MergePlan | None,
-    ops: OpSet,
-    residual_is_ours: bool,
-    spare: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``residual + gate * y`` [B, N, C], with y [B, M, C] unmerged (and blended with the sub-layer's
-    cache) when ``plan`` is given; stores the full output into the cache buffer when the block's action
-    says so.
-
-    Without autograd no fresh [B, N, C] buffer is needed: the sum is written into ``residual`` itself
-    when ``residual_is_ours`` (a tensor this forward made, not the block's input), else into ``spare``
-    (a [B, N, C] tensor of this forward that nothing reads any more) when given."""
-    in_place = not torch.is_grad_enabled()
-    cache_out = link.cache_out.get(name)
-    if plan is None:
-        y = gate.unsqueeze(1) * y
-        if cache_out is not None:
-            cache_out.copy_(y.detach())
-        if in_place and residual_is_ours:
-            return residual.add_(y)
-        return residual + y
-    mcw = link.state.config.mcw
-    cache = link.cache_in.get(name)
-    if not in_place:
-        out, new_cache = ops.unmerge(y, plan.slot, plan.blend, cache, gate, residual, mcw, cache_out is not None)
-        if cache_out is not None:
-            cache_out.copy_(new_cache.detach())
-        return out
-    if residual_is_ours:
-        out = residual
-    elif spare is not None and spare.shape == residual.shape and spare.dtype == residual.dtype:
-        out = spare
-    else:
-        out = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    ops.unmerge_into(y, plan.slot, plan.blend, cache, gate, residual, mcw, out, cache_out)
-    return out
+from .. import engine, norms
+from ..schedule import BlockMode
+from ..state import BlockLink
+from .base import CallInfo, ModelAdapter, argument, latent_grid
 
 
 def _feed_forward(block, x: torch.Tensor, merged: bool) -> torch.Tensor:
@@ -121,7 +37,7 @@ def _feed_forward(block, x: torch.Tensor, merged: bool) -> torch.Tensor:
     return torch.cat([block.ff(part) for part in x.split(block._chunk_size, dim=block._chunk_dim)], block._chunk_dim)
 
 
-def sdtm_block_forward(
+def sd3_block_forward(
     self,
     hidden_states: torch.FloatTensor,
     encoder_hidden_states: torch.FloatTensor,
@@ -163,27 +79,27 @@ def sdtm_block_forward(
             encoder_hidden_states, emb=temb
         )
 
-    plan = compute_plan(link, norm_hidden_states, ops) if action.mode is BlockMode.MERGED else None
+    plan = engine.compute_plan(link, norm_hidden_states, ops) if action.mode is BlockMode.MERGED else None
     attn_plan = plan if action.merge_attn else None
     mlp_plan = plan if action.merge_mlp else None
 
     # Attention.
     attn_output, context_attn_output = self.attn(
-        hidden_states=merge_tokens(norm_hidden_states, attn_plan, link, ops),
+        hidden_states=engine.merge_tokens(norm_hidden_states, attn_plan, link, ops),
         encoder_hidden_states=norm_encoder_hidden_states,
         **joint_attention_kwargs,
     )
     # Once merged for the attention, norm1's fused output is read no more: the sum can go there.
     spare = norm_hidden_states if fused_norms and attn_plan is not None else None
-    hidden_states = finish_sublayer(
+    hidden_states = engine.finish_sublayer(
         link, "attn", hidden_states, attn_output, gate_msa, attn_plan, ops, residual_is_ours=False, spare=spare
     )
 
     if self.use_dual_attention:
         attn_output2 = self.attn2(
-            hidden_states=merge_tokens(norm_hidden_states2, attn_plan, link, ops), **joint_attention_kwargs
+            hidden_states=engine.merge_tokens(norm_hidden_states2, attn_plan, link, ops), **joint_attention_kwargs
         )
-        hidden_states = finish_sublayer(
+        hidden_states = engine.finish_sublayer(
             link, "attn2", hidden_states, attn_output2, gate_msa2, attn_plan, ops, residual_is_ours=True
         )
 
@@ -194,9 +110,9 @@ def sdtm_block_forward(
     else:
         norm_hidden_states = self.norm2(hidden_states)
         norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        ff_input = merge_tokens(norm_hidden_states, mlp_plan, link, ops)
+        ff_input = engine.merge_tokens(norm_hidden_states, mlp_plan, link, ops)
     ff_output = _feed_forward(self, ff_input, mlp_plan is not None)
-    hidden_states = finish_sublayer(
+    hidden_states = engine.finish_sublayer(
         link, "mlp", hidden_states, ff_output, gate_mlp, mlp_plan, ops, residual_is_ours=True
     )
 
@@ -218,3 +134,27 @@ def sdtm_block_forward(
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
 
     return encoder_hidden_states, hidden_states
+
+
+class SD3Adapter(ModelAdapter):
+    """SD3 / SD3.5: joint blocks (image and text streams), the timestep in the scheduler's units, an NCHW
+    latent. Attention (and SD3.5's second attention) merge in the structure phase, the MLP in both."""
+
+    name = "sd3"
+    transformer_class = "SD3Transformer2DModel"
+    block_class = "JointTransformerBlock"
+    block_forward = staticmethod(sd3_block_forward)
+
+    def sublayers(self, block: torch.nn.Module) -> dict[str, str]:
+        names = {"attn": "attn", "attn2": "attn", "mlp": "mlp"}
+        if not getattr(block, "use_dual_attention", False):
+            del names["attn2"]
+        return names
+
+    def call_info(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> CallInfo:
+        hidden_states = argument(args, kwargs, "hidden_states", 0)
+        timestep = argument(args, kwargs, "timestep", 3)
+        if timestep is None:
+            raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
+        height, width = latent_grid(transformer, hidden_states)
+        return CallInfo(timestep, height, width, hidden_states.shape[0], hidden_states.device)
