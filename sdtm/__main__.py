@@ -48,33 +48,58 @@ def _add_macs(commands) -> None:
         description="Counts the multiply-accumulates of every transformer call of a generation on the meta "
                     "device (no weights, no memory), without and with SDTM, with a per-phase breakdown.")
     macs.add_argument("--config", required=True,
-                      help="sd3-medium, sd3.5-medium, sd3.5-large, a transformer config.json or a diffusers folder")
+                      help="sd3-medium, sd3.5-medium, sd3.5-large, pixart-sigma, pixart-alpha, a transformer config.json or a diffusers folder")
     macs.add_argument("--height", type=positive_int, default=1024)
     macs.add_argument("--width", type=positive_int, default=1024)
     macs.add_argument("--steps", type=positive_int, default=50)
     macs.add_argument("--batch", type=positive_int, default=2, help="batch per transformer call (2 with CFG)")
-    macs.add_argument("--text-tokens", type=positive_int, default=333, help="text tokens (default 77 + 256)")
+    macs.add_argument("--text-tokens", type=positive_int, help="text tokens (default: 333 SD3, 300 Sigma, 120 alpha)")
     macs.add_argument("--json", action="store_true", help="print one JSON object")
     macs.add_argument("--plot", help="write tokens and MACs per step to this PNG")
     add_sdtm_options(macs, with_disable=False)
 
 
+# Options of `sdtm bench host` only: (flag, type, default, help).
+_HOST_OPTIONS = (
+    ("--steps", positive_int, 12, "denoising steps (default 12)"),
+    ("--switch-step", int, 5, "last structure-phase step (default 5: protected, structure and detail steps)"),
+    ("--layers", positive_int, 24, "joint blocks (default 24, SD3-medium)"),
+    ("--grid", positive_int, 16, "image token grid side (default 16: 16x16 tokens)"),
+    ("--text-tokens", positive_int, 16, "text tokens (default 16)"),
+    ("--heads", positive_int, 1, "attention heads (default 1)"),
+    ("--head-dim", positive_int, 16, "width of a head (default 16)"),
+    ("--ratio", float, 0.3, "SDTM's ratio (default 0.3, as apply_SDTM)"),
+    ("--deviation", float, 0.2, "SDTM's deviation (default 0.2, as apply_SDTM)"),
+    ("--threads", positive_int, 1, "torch CPU threads while timing (default 1)"),
+    ("--compile", str, "eager", "torch.compile backend of the compiled variants: eager (default: dynamo's "
+                                "graphs, quickest to compile), aot_eager (plus AOT autograd's functionalisation "
+                                "and runtime wrappers), inductor, or none (eager variants only)"),
+)
+
+
 def _add_bench(commands) -> None:
     bench = commands.add_parser(
-        "bench", help="time the backends on this machine (kernels, one block's SDTM share, or end to end)",
+        "bench", help="time the backends on this machine (kernels, one block's SDTM share, end to end, or "
+                      "the host's cost per step)",
         description="Times each available backend on this machine, rounds interleaved, and reports medians "
-                    "and ratios with the machine's description.")
-    bench.add_argument("what", choices=["kernels", "block", "e2e"])
+                    "and ratios with the machine's description. host: an SD3-medium topology with tensors "
+                    "shrunk until compute is small, unmerged and SDTM per backend, eager and compiled: host "
+                    "time per denoising step and launches (dispatched ops) per step and per block by phase.")
+    bench.add_argument("what", choices=["kernels", "block", "e2e", "host"])
     bench.add_argument("--rounds", type=positive_int, default=5)
     bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
                        help="backends to compare (kernels: default every one available here, torch always "
-                            "timed as the reference; block, e2e: default torch and cpp, run on the CPU)")
+                            "timed as the reference; block, e2e: default torch and cpp, run on the CPU; host: "
+                            "default torch and cpp on the CPU, and triton where a CUDA device is)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write a bar chart of the speedups to this PNG")
+    host = bench.add_argument_group("host only")
+    for flag, kind, default, text in _HOST_OPTIONS:
+        host.add_argument(flag, type=kind, default=None, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for SD3 / SD3.5.")
+    parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for diffusion transformers (SD3 / SD3.5, PixArt).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_demo(commands)
     from . import generate
@@ -168,14 +193,50 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _host_setting(args):
+    """The HostSetting and compile backend of `sdtm bench host`'s options; ValueError for options of host
+    given to another benchmark, or for values that cannot run."""
+    given = [flag for flag, *_ in _HOST_OPTIONS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.what != "host":
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of `sdtm bench host` only.")
+        return None, None
+    values = {flag[2:].replace("-", "_"): default for flag, _, default, _ in _HOST_OPTIONS}
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    from .host_bench import COMPILE_BACKENDS, HostSetting
+
+    compile_backend = values.pop("compile")
+    if compile_backend not in COMPILE_BACKENDS + ("none",):
+        choices = ", ".join(COMPILE_BACKENDS + ("none",))
+        raise ValueError(f"--compile must be one of {choices}, got {compile_backend!r}.")
+    return HostSetting(**values), None if compile_backend == "none" else compile_backend
+
+
+def _run_host_bench(args, setting, compile_backend, requested):
+    from .host_bench import bench_host, format_host_report, host_backends
+
+    host_backends(requested)  # a backend that cannot run here fails before any work
+    result = bench_host(setting, requested, rounds=args.rounds, compile_backend=compile_backend,
+                        progress=not args.json)
+    labels, values = [], []
+    for mode, per_backend in result["ratios"].items():
+        for backend, ratio in per_backend.items():
+            labels.append(f"{mode}\n{backend}")
+            values.append(ratio["host_time"])
+    return result, labels, values, format_host_report(result).splitlines()
+
+
 def _run_bench(args) -> int:
     from .bench import bench_block_share, bench_e2e, bench_kernels, machine_info
 
+    setting, compile_backend = _host_setting(args)
     if args.plot:
         _check_plot_path(args.plot)
     requested = list(dict.fromkeys(args.backends)) if args.backends else None
     info = machine_info()
-    if args.what == "kernels":
+    if args.what == "host":
+        result, labels, values, text = _run_host_bench(args, setting, compile_backend, requested)
+    elif args.what == "kernels":
         rows = bench_kernels([(64, 64), (32, 32), (48, 84)], rounds=args.rounds, progress=not args.json,
                              backends=requested)
         result = {"machine": info, "kernels": [asdict(r) for r in rows]}
@@ -212,8 +273,9 @@ def _run_bench(args) -> int:
                  for b in backends]
     if args.plot:
         title = ("sdtm bench block: % of the block's time added" if args.what == "block"
+                 else "sdtm bench host: host time per step, SDTM / unmerged" if args.what == "host"
                  else f"sdtm bench {args.what}: speedup over torch/unmerged")
-        ylabel = "% of the block's time" if args.what == "block" else "speedup"
+        ylabel = {"block": "% of the block's time", "host": "host time ratio"}.get(args.what, "speedup")
         _write_plot(lambda path: _bar_plot(labels, values, path, title, ylabel), args.plot)
     if args.json:
         print(json.dumps(result))
@@ -233,7 +295,7 @@ def _bar_plot(labels, values, path: str, title: str, ylabel: str = "speedup") ->
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
-    if ylabel == "speedup":
+    if ylabel in ("speedup", "host time ratio"):
         ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -31,9 +31,8 @@ def compute_plan(link: BlockLink, metric: torch.Tensor, ops: OpSet) -> MergePlan
     batch = metric.shape[0]
     reduce_num = link.remove.shape[0]  # a dynamic size under torch.compile, not a constant per step
     priority = merge_age_priority(age)  # all zero until a merge happens: adds nothing to the scores
-    if link.dst_draw is not None:
-        drawn = link.dst_draw
-    else:
+    drawn = link.dst_draw
+    if drawn is None and (action.phase is Phase.STRUCTURE or not link.age_exists):  # first token of each window
         drawn = torch.zeros(batch, grid.num_windows, dtype=torch.int64, device=metric.device)
 
     if action.phase is Phase.STRUCTURE:

@@ -1,9 +1,20 @@
 """Theoretical MACs of a whole SDTM schedule, counted on the meta device (no weights, no memory).
 
 Every block's multiply-accumulates are counted once per token count with torch's FlopCounterMode on a
-meta-device copy of the block; the schedule (sdtm.schedule) then says how many tokens each block's
-attention and feed-forward see at each step. The plan's own matmul (IDM's source x destination cosine
-similarities) is counted too; SSM's window scores are elementwise work of O(W K^2 C) and are not.
+meta-device copy of the block, split into the feed-forward and the rest (the attention side: what merges
+with the attention in the structure phase); the schedule (sdtm.schedule) then says how many image tokens
+each side sees at each step. The plan's own matmul (IDM's source x destination cosine similarities) is
+counted too; SSM's window scores are elementwise work of O(W K^2 C) and are not.
+
+Two model families, each described by a ``_Family`` entry (its diffusers class, its config keys, how to
+build meta inputs for the model and for one block):
+
+- SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks; the attention side holds the joint attention
+  (SD3.5's second attention too) and the whole text stream, which never merges.
+- PixArt-alpha / Sigma (``PixArtTransformer2DModel``, or the ``Transformer2DModel`` with
+  ``norm_type="ada_norm_single"`` that older PixArt folders name): the attention side holds the
+  self-attention and the cross-attention (image queries and outputs, and the text keys and values, which
+  do not depend on the image token count).
 """
 
 from __future__ import annotations
@@ -13,18 +24,30 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import SDTMConfig
-from .schedule import BlockAction, BlockMode, Phase, block_action, sources_to_merge, windows_to_merge
+from .schedule import BlockAction, BlockMode, Phase, block_action, merged_tokens
 
-TEXT_TOKENS = 333  # 77 CLIP + 256 T5 tokens
+TEXT_TOKENS = 333  # SD3: 77 CLIP + 256 T5 tokens
+PIXART_SIGMA_TEXT_TOKENS = 300  # PixArt-Sigma's T5 sequence length
+PIXART_ALPHA_TEXT_TOKENS = 120  # PixArt-alpha's T5 sequence length
 VAE_SCALE = 8
+
+SD3_CLASS = "SD3Transformer2DModel"
+PIXART_CLASS = "PixArtTransformer2DModel"
 
 _SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                    joint_attention_dim=4096, pooled_projection_dim=2048)
+# PixArt-XL-2 at 1024 pixels: 28 blocks of width 16 x 72 = 1152, T5-XXL captions (4096 wide).
+_PIXART_COMMON = dict(_class_name=PIXART_CLASS, sample_size=128, patch_size=2, in_channels=4, out_channels=8,
+                      num_layers=28, num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152,
+                      caption_channels=4096, activation_fn="gelu-approximate", attention_bias=True,
+                      norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
+                      norm_eps=1e-6)
 PRESETS: dict[str, dict] = {
     "sd3-medium": dict(_SD3_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                        pos_embed_max_size=192),
@@ -32,14 +55,173 @@ PRESETS: dict[str, dict] = {
                          pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
     "sd3.5-large": dict(_SD3_COMMON, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                         pos_embed_max_size=192, qk_norm="rms_norm"),
+    # PixArt-Sigma-XL-2-1024-MS: no resolution / aspect-ratio conditioning, 300 text tokens.
+    "pixart-sigma": dict(_PIXART_COMMON, interpolation_scale=2, use_additional_conditions=False),
+    # PixArt-XL-2-1024-MS (alpha): resolution and aspect-ratio conditioning, 120 text tokens.
+    "pixart-alpha": dict(_PIXART_COMMON, interpolation_scale=2, use_additional_conditions=True),
 }
-_INT_KEYS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-             "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-             "pos_embed_max_size")
-# diffusers accepts null for these: out_channels then follows in_channels, and without a positional table
-# size the sin-cos table is computed for each input size.
-_NULLABLE_INT_KEYS = ("out_channels", "pos_embed_max_size")
-_CONFIG_KEYS = _INT_KEYS + ("dual_attention_layers", "qk_norm")
+
+
+def _meta(*shape: int) -> torch.Tensor:
+    return torch.empty(*shape, device="meta")
+
+
+# --- SD3 -------------------------------------------------------------------------------------------------
+
+def _sd3_check_widths(config: dict, path: str) -> None:
+    heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
+    caption_dim = config.get("caption_projection_dim", 1152)
+    if caption_dim != heads * head_dim:
+        raise ValueError(f"{path}: caption_projection_dim ({caption_dim}) must equal num_attention_heads x "
+                         f"attention_head_dim ({heads} x {head_dim} = {heads * head_dim}), the blocks' width.")
+
+
+def _sd3_model_inputs(model, batch: int, latent_h: int, latent_w: int, text_tokens: int) -> dict:
+    c = model.config
+    return dict(hidden_states=_meta(batch, c.in_channels, latent_h, latent_w), timestep=_meta(batch),
+                encoder_hidden_states=_meta(batch, text_tokens, c.joint_attention_dim),
+                pooled_projections=_meta(batch, c.pooled_projection_dim))
+
+
+def _sd3_block_inputs(model, batch: int, tokens: int, text_tokens: int) -> dict:
+    c = model.inner_dim
+    return dict(hidden_states=_meta(batch, tokens, c), encoder_hidden_states=_meta(batch, text_tokens, c),
+                temb=_meta(batch, c))
+
+
+# --- PixArt ----------------------------------------------------------------------------------------------
+
+def _pixart_additional_conditions(config: dict) -> bool:
+    """Whether the model embeds resolution and aspect ratio (diffusers: unset means sample_size == 128)."""
+    value = config.get("use_additional_conditions")
+    return config.get("sample_size", 128) == 128 if value is None else bool(value)
+
+
+def _pixart_check_widths(config: dict, path: str) -> None:
+    heads, head_dim = config.get("num_attention_heads", 16), config.get("attention_head_dim", 72)
+    width = heads * head_dim
+    cross_dim = config.get("cross_attention_dim", 1152)
+    if config.get("caption_channels") is not None and cross_dim is not None and cross_dim != width:
+        raise ValueError(f"{path}: cross_attention_dim ({cross_dim}) must equal num_attention_heads x "
+                         f"attention_head_dim ({heads} x {head_dim} = {width}), the width the caption "
+                         "projection gives the text tokens.")
+    if _pixart_additional_conditions(config) and width % 3:
+        raise ValueError(f"{path}: with resolution and aspect-ratio conditioning (use_additional_conditions, "
+                         f"or sample_size 128 without it) the width ({heads} x {head_dim} = {width}) must be a "
+                         "multiple of 3.")
+
+
+def _pixart_text_tokens(config: dict) -> int:
+    """PixArt-alpha's 120 T5 tokens for a model conditioned on resolution and aspect ratio (alpha at 1024
+    pixels), PixArt-Sigma's 300 otherwise."""
+    return PIXART_ALPHA_TEXT_TOKENS if _pixart_additional_conditions(config) else PIXART_SIGMA_TEXT_TOKENS
+
+
+def _pixart_text_width(model) -> int:
+    """Width of the text tokens the blocks' cross-attention reads (after the caption projection)."""
+    if model.caption_projection is not None:
+        return model.inner_dim
+    return model.config.cross_attention_dim or model.inner_dim
+
+
+def _pixart_model_inputs(model, batch: int, latent_h: int, latent_w: int, text_tokens: int) -> dict:
+    c = model.config
+    caption = c.caption_channels if model.caption_projection is not None else _pixart_text_width(model)
+    conditions = {"resolution": None, "aspect_ratio": None}
+    if model.use_additional_conditions:
+        conditions = {"resolution": _meta(batch, 2), "aspect_ratio": _meta(batch, 1)}
+    return dict(hidden_states=_meta(batch, c.in_channels, latent_h, latent_w), timestep=_meta(batch),
+                encoder_hidden_states=_meta(batch, text_tokens, caption), added_cond_kwargs=conditions)
+
+
+def _pixart_block_inputs(model, batch: int, tokens: int, text_tokens: int) -> dict:
+    c = model.inner_dim
+    return dict(hidden_states=_meta(batch, tokens, c),
+                encoder_hidden_states=_meta(batch, text_tokens, _pixart_text_width(model)),
+                timestep=_meta(batch, 6 * c))  # adaln_single's output: six modulations per block
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What counting needs to know of one model family.
+
+    class_name: the diffusers transformer class built on the meta device.
+    int_keys / nullable_int_keys / other_keys: the config keys read from a config.json (others are
+        dropped); ints must be positive, nullable ones may also be null.
+    max_grid: the positional table's side (tokens) when the config names no ``pos_embed_max_size``
+        (None: any grid, the sin-cos table is computed for each input size).
+    """
+
+    class_name: str
+    int_keys: tuple[str, ...]
+    nullable_int_keys: tuple[str, ...]
+    other_keys: tuple[str, ...]
+    max_grid: int | None
+    check_widths: Callable[[dict, str], None]
+    text_tokens: Callable[[dict], int]
+    model_inputs: Callable[..., dict]  # (model, batch, latent_h, latent_w, text_tokens) -> forward kwargs
+    block_inputs: Callable[..., dict]  # (model, batch, image tokens, text_tokens) -> block kwargs
+    block_shape: Callable[[torch.nn.Module], tuple]  # blocks of one shape cost the same
+    feed_forward: str = "ff"  # the block's feed-forward submodule
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.int_keys + self.other_keys
+
+
+_SD3 = _Family(
+    class_name=SD3_CLASS,
+    int_keys=("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+              "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+              "pos_embed_max_size"),
+    # diffusers accepts null for these: out_channels then follows in_channels, and without a positional
+    # table size the sin-cos table is computed for each input size.
+    nullable_int_keys=("out_channels", "pos_embed_max_size"),
+    other_keys=("dual_attention_layers", "qk_norm"),
+    max_grid=96,
+    check_widths=_sd3_check_widths,
+    text_tokens=lambda config: TEXT_TOKENS,
+    model_inputs=_sd3_model_inputs,
+    block_inputs=_sd3_block_inputs,
+    block_shape=lambda block: (block.use_dual_attention, block.context_pre_only),
+)
+_PIXART = _Family(
+    class_name=PIXART_CLASS,
+    int_keys=("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+              "out_channels", "cross_attention_dim", "caption_channels", "num_embeds_ada_norm", "norm_num_groups"),
+    # out_channels: null follows in_channels; cross_attention_dim: null leaves out the cross-attention;
+    # caption_channels: null takes text tokens already cross_attention_dim wide.
+    nullable_int_keys=("out_channels", "cross_attention_dim", "caption_channels"),
+    other_keys=("interpolation_scale", "use_additional_conditions", "norm_type", "activation_fn", "attention_bias",
+                "upcast_attention", "norm_elementwise_affine", "norm_eps", "dropout", "attention_type"),
+    max_grid=None,
+    check_widths=_pixart_check_widths,
+    text_tokens=_pixart_text_tokens,
+    model_inputs=_pixart_model_inputs,
+    block_inputs=_pixart_block_inputs,
+    block_shape=lambda block: (block.attn2 is None, block.only_cross_attention),
+)
+_FAMILIES = {family.class_name: family for family in (_SD3, _PIXART)}
+
+
+def family_of(config: dict) -> _Family:
+    """The family of a transformer config: its ``_class_name``; without one, PixArt for a config with
+    PixArt's keys (``norm_type``, ``caption_channels``, ``cross_attention_dim``), SD3 otherwise."""
+    name = config.get("_class_name")
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+        return _PIXART
+    if name is None:
+        pixart_keys = ("norm_type", "caption_channels", "cross_attention_dim")
+        return _PIXART if any(k in config for k in pixart_keys) else _SD3
+    raise ValueError(f"a {name!r} config is neither an {SD3_CLASS} nor a {PIXART_CLASS} one.")
+
+
+def default_text_tokens(config: dict) -> int:
+    """Text tokens per prompt when none are given: SD3's 333; PixArt-alpha's 120 for a PixArt model
+    conditioned on resolution and aspect ratio (alpha at 1024 pixels), PixArt-Sigma's 300 otherwise."""
+    return family_of(config).text_tokens(config)
 
 
 def _read_json_object(path: str) -> dict:
@@ -60,13 +242,17 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_key(path: str, key: str, value) -> None:
+# The activations diffusers' FeedForward builds.
+_ACTIVATIONS = ("gelu", "gelu-approximate", "geglu", "geglu-approximate", "swiglu", "linear-silu")
+
+
+def _check_key(family: _Family, path: str, key: str, value) -> None:
     """Raise a ValueError naming ``path`` and ``key`` when ``value`` is not what the transformer expects."""
-    if key in _INT_KEYS:
-        if value is None and key in _NULLABLE_INT_KEYS:
+    if key in family.int_keys:
+        if value is None and key in family.nullable_int_keys:
             return
         if not _is_int(value) or value < 1:
-            expected = "a positive int or null" if key in _NULLABLE_INT_KEYS else "a positive int"
+            expected = "a positive int or null" if key in family.nullable_int_keys else "a positive int"
             raise ValueError(f"{path}: {key} must be {expected}, got {value!r}.")
     elif key == "dual_attention_layers":
         if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in value):
@@ -74,38 +260,48 @@ def _check_key(path: str, key: str, value) -> None:
                              f"got {value!r}.")
     elif key == "qk_norm" and value is not None and not isinstance(value, str):
         raise ValueError(f"{path}: qk_norm must be null or a string such as \"rms_norm\", got {value!r}.")
+    elif key == "norm_type" and value != "ada_norm_single":
+        raise ValueError(f"{path}: norm_type must be \"ada_norm_single\" (PixArt's), got {value!r}.")
+    elif key == "interpolation_scale" and value is not None and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{path}: interpolation_scale must be a positive number or null, got {value!r}.")
+    elif key == "use_additional_conditions" and value is not None and not isinstance(value, bool):
+        raise ValueError(f"{path}: {key} must be true, false or null, got {value!r}.")
+    elif key == "activation_fn" and value not in _ACTIVATIONS:
+        raise ValueError(f"{path}: activation_fn must be one of {', '.join(_ACTIVATIONS)} (diffusers' feed-forward "
+                         f"activations), got {value!r}.")
 
 
 def validate_config(raw: dict, path: str) -> dict:
-    """The transformer keys of the config object ``raw`` read from ``path`` (lists as tuples), checked;
-    ValueError naming the file and the key otherwise."""
-    class_name = raw.get("_class_name", "SD3Transformer2DModel")
-    if class_name != "SD3Transformer2DModel":
-        raise ValueError(f"{path} is a {class_name!r} config, not an SD3Transformer2DModel one; pass the "
-                         "transformer's config.json or a diffusers SD3 folder.")
+    """The transformer keys of the config object ``raw`` read from ``path`` (lists as tuples) with the
+    ``_class_name`` of its family, checked; ValueError naming the file and the key otherwise."""
+    try:
+        family = family_of(raw)
+    except ValueError:
+        raise ValueError(f"{path} is a {raw['_class_name']!r} config, not an {SD3_CLASS} or {PIXART_CLASS} one; "
+                         "pass the transformer's config.json or a diffusers SD3 or PixArt folder.") from None
     if "num_layers" not in raw:
-        raise ValueError(f"{path} has no num_layers; is it an SD3Transformer2DModel config.json?")
-    config = {k: v for k, v in raw.items() if k in _CONFIG_KEYS}
+        raise ValueError(f"{path} has no num_layers; is it a {family.class_name} config.json?")
+    config = {k: v for k, v in raw.items() if k in family.keys}
     for key, value in config.items():
-        _check_key(path, key, value)
-    heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
-    caption_dim = config.get("caption_projection_dim", 1152)
-    if caption_dim != heads * head_dim:
-        raise ValueError(f"{path}: caption_projection_dim ({caption_dim}) must equal num_attention_heads x "
-                         f"attention_head_dim ({heads} x {head_dim} = {heads * head_dim}), the blocks' width.")
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+        _check_key(family, path, key, value)
+    family.check_widths(config, path)
+    config = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+    return {"_class_name": family.class_name, **config}
 
 
 def build_meta_transformer(config: dict) -> torch.nn.Module:
-    """An ``SD3Transformer2DModel`` of ``config`` on the meta device (no weights, no memory); ValueError
-    when diffusers rejects the config."""
-    from diffusers import SD3Transformer2DModel
+    """The transformer of ``config`` (its family's diffusers class; keys starting with ``_`` left out) on
+    the meta device (no weights, no memory); ValueError when diffusers rejects the config."""
+    import diffusers
 
+    family = family_of(config)
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
         with torch.device("meta"):
-            return SD3Transformer2DModel(**config)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"SD3Transformer2DModel cannot be built from this config: {_first_line(error)}") from None
+            return getattr(diffusers, family.class_name)(**kwargs)
+    except (TypeError, ValueError, NotImplementedError, ZeroDivisionError) as error:
+        raise ValueError(f"{family.class_name} cannot be built from this config: {_first_line(error)}") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -126,21 +322,28 @@ def config_file(name_or_path: str) -> str:
 
 def load_config(name_or_path: str) -> dict:
     """A preset name, a transformer ``config.json``, or a diffusers folder (its transformer/config.json),
-    checked: ValueError naming the file, the key and what is expected."""
+    checked: ValueError naming the file, the key and what is expected. The model is built and run once
+    on one image token on the meta device, so that widths that do not fit together fail here."""
     if name_or_path in PRESETS:
         return dict(PRESETS[name_or_path])
     path = config_file(name_or_path)
     config = validate_config(_read_json_object(path), path)
     try:
-        build_meta_transformer(config)
+        meta = _MetaModel(config, batch=1, text_tokens=1)
+        patch = meta.model.config.patch_size
+        meta.forward(patch, patch)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+    except RuntimeError as error:
+        raise ValueError(f"{path}: {family_of(config).class_name} cannot run this config: "
+                         f"{_first_line(error)}") from None
     return config
 
 
 def load_vae_scale(name_or_path: str) -> int:
     """The latent down-sampling factor for ``--config name_or_path``: ``2 ** (len(block_out_channels) - 1)``
-    of a diffusers folder's vae/config.json; SD3's 8 for presets and bare transformer config files."""
+    of a diffusers folder's vae/config.json; 8 (SD3's and PixArt's) for presets and bare transformer config
+    files."""
     if name_or_path in PRESETS or not os.path.isdir(name_or_path):
         return VAE_SCALE
     if not os.path.isfile(os.path.join(name_or_path, "transformer", "config.json")):
@@ -148,7 +351,7 @@ def load_vae_scale(name_or_path: str) -> int:
     path = os.path.join(name_or_path, "vae", "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"--config {name_or_path!r} has no vae/config.json to read the latent factor from; pass "
-                         "its transformer/config.json instead to assume SD3's factor of 8.")
+                         "its transformer/config.json instead to assume a factor of 8.")
     channels = _read_json_object(path).get("block_out_channels")
     if not isinstance(channels, list) or not channels:
         raise ValueError(f"{path}: block_out_channels must be a non-empty list (the latent factor is "
@@ -184,6 +387,8 @@ class MacReport:
     per_step: list[StepMacs] = field(default_factory=list)
     phases: dict = field(default_factory=dict)
     vae_scale: int = VAE_SCALE
+    text_tokens: int = TEXT_TOKENS
+    model: str = SD3_CLASS
 
     @property
     def mac_ratio(self) -> float:
@@ -199,42 +404,42 @@ class _MetaModel:
     """A meta-device transformer whose blocks are counted once per image token count."""
 
     def __init__(self, config: dict, batch: int, text_tokens: int):
+        self.family = family_of(config)
         self.model = build_meta_transformer(config)
+        self.blocks = list(self.model.transformer_blocks)
         self.batch, self.text_tokens = batch, text_tokens
         self.channels = self.model.inner_dim
 
+    def forward(self, latent_h: int, latent_w: int) -> FlopCounterMode:
+        """The FLOP counter of one forward on a ``latent_h`` x ``latent_w`` latent."""
+        inputs = self.family.model_inputs(self.model, self.batch, latent_h, latent_w, self.text_tokens)
+        with FlopCounterMode(display=False) as counter:
+            self.model(**inputs)
+        return counter
+
     def outside_blocks(self, latent_h: int, latent_w: int) -> int:
         """MACs of one forward outside the transformer blocks (embeddings, output projection)."""
-        m, b = self.model, self.batch
-        with FlopCounterMode(display=False) as counter:
-            m(hidden_states=torch.empty(b, m.config.in_channels, latent_h, latent_w, device="meta"),
-              timestep=torch.empty(b, device="meta"),
-              encoder_hidden_states=torch.empty(b, self.text_tokens, m.config.joint_attention_dim, device="meta"),
-              pooled_projections=torch.empty(b, m.config.pooled_projection_dim, device="meta"))
-        counts = counter.get_flop_counts()
-        blocks = sum(sum(v.values()) for k, v in counts.items() if k.endswith(tuple(
-            f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks)))))
+        counter = self.forward(latent_h, latent_w)
+        names = tuple(f"transformer_blocks.{i}" for i in range(len(self.blocks)))
+        blocks = sum(sum(v.values()) for k, v in counter.get_flop_counts().items() if k.endswith(names))
         return (counter.get_total_flops() - blocks) // 2
 
     def block(self, layer: int, tokens: int) -> tuple[int, int]:
         """(MACs of everything but the feed-forward, MACs of the feed-forward) of block ``layer`` on
         ``tokens`` image tokens."""
-        b = self.model.transformer_blocks[layer]
         # Blocks of one shape cost the same: count the first block of each shape only.
-        shape = (b.use_dual_attention, b.context_pre_only)
-        first = next(i for i, other in enumerate(self.model.transformer_blocks)
-                     if (other.use_dual_attention, other.context_pre_only) == shape)
+        shape = self.family.block_shape(self.blocks[layer])
+        first = next(i for i, other in enumerate(self.blocks) if self.family.block_shape(other) == shape)
         return self._count(first, tokens)
 
     @functools.lru_cache(maxsize=None)
     def _count(self, layer: int, tokens: int) -> tuple[int, int]:
-        block, b, c = self.model.transformer_blocks[layer], self.batch, self.channels
+        inputs = self.family.block_inputs(self.model, self.batch, tokens, self.text_tokens)
         with FlopCounterMode(display=False) as counter:
-            block(hidden_states=torch.empty(b, tokens, c, device="meta"),
-                  encoder_hidden_states=torch.empty(b, self.text_tokens, c, device="meta"),
-                  temb=torch.empty(b, c, device="meta"))
+            self.blocks[layer](**inputs)
+        name = self.family.feed_forward
         counts = counter.get_flop_counts()
-        ff = next((sum(v.values()) for k, v in counts.items() if k.endswith(".ff") or k == "ff"), 0)
+        ff = next((sum(v.values()) for k, v in counts.items() if k.endswith("." + name) or k == name), 0)
         return (counter.get_total_flops() - ff) // 2, ff // 2
 
 
@@ -246,7 +451,7 @@ def _token_grid(config: dict, height: int, width: int, vae_scale: int) -> tuple[
         raise ValueError(f"height and width must be multiples of {vae_scale * patch} (VAE factor {vae_scale} x "
                          f"patch {patch}), got {height}x{width}.")
     grid_h, grid_w = height // (vae_scale * patch), width // (vae_scale * patch)
-    max_grid = config.get("pos_embed_max_size", 96)
+    max_grid = config.get("pos_embed_max_size", family_of(config).max_grid)
     if max_grid is not None and max(grid_h, grid_w) > max_grid:
         raise ValueError(f"{height}x{width} needs a {grid_h}x{grid_w} token grid, larger than the model's "
                          f"positional table ({max_grid}); use at most {max_grid * vae_scale * patch} pixels a side.")
@@ -254,17 +459,22 @@ def _token_grid(config: dict, height: int, width: int, vae_scale: int) -> tuple[
 
 
 def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int = 2,
-                  sdtm: SDTMConfig | None = None, text_tokens: int = TEXT_TOKENS,
+                  sdtm: SDTMConfig | None = None, text_tokens: int | None = None,
                   vae_scale: int = VAE_SCALE) -> MacReport:
     """MACs of ``steps`` transformer calls at ``height`` x ``width`` pixels (latents ``vae_scale`` times
-    smaller), without and with ``sdtm`` (default: SDTMConfig())."""
+    smaller), without and with ``sdtm`` (default: SDTMConfig()); ``text_tokens`` None: the family's
+    default (``default_text_tokens``)."""
+    family = family_of(config)
+    if text_tokens is None:
+        text_tokens = family.text_tokens(config)
     if min(height, width, steps, batch, text_tokens, vae_scale) <= 0:
         raise ValueError("height, width, steps, batch, text_tokens and vae_scale must be positive.")
     sdtm = sdtm or SDTMConfig()
     grid = _token_grid(config, height, width, vae_scale)
     meta = _MetaModel(config, batch, text_tokens)
     report = MacReport(config=config, height=height, width=width, grid=grid, steps=steps, batch=batch,
-                       baseline_macs=0, sdtm_macs=0, plan_macs=0, vae_scale=vae_scale)
+                       baseline_macs=0, sdtm_macs=0, plan_macs=0, vae_scale=vae_scale, text_tokens=text_tokens,
+                       model=family.class_name)
     try:
         _count_schedule(meta, report, sdtm)
     except RuntimeError as error:  # e.g. a meta tensor too large for int64 sizes
@@ -275,14 +485,11 @@ def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int 
 
 def _tokens_and_plan(action: BlockAction, n: int, k: int, windows: int, batch_channels: int) -> tuple[int, int, int]:
     """(attention tokens, feed-forward tokens, plan matmul MACs) of one block call under ``action`` on
-    ``n`` image tokens in ``windows`` windows of ``k`` tokens (``batch_channels``: batch x width)."""
-    if action.mode is not BlockMode.MERGED:
-        return n, n, 0
+    ``n`` image tokens in ``windows`` windows of ``k`` tokens (``batch_channels``: batch x width). IDM's
+    plan compares the ``windows * (k - 1)`` sources with the ``windows`` destinations."""
+    merged = merged_tokens(action, n, k, windows)
     plan = 0
-    if action.phase is Phase.STRUCTURE:
-        merged = n - windows_to_merge(action.reduce_num, k, windows) * (k - 1)
-    else:
-        merged = n - sources_to_merge(action.reduce_num, windows * (k - 1))
+    if action.mode is BlockMode.MERGED and action.phase is Phase.DETAIL:
         plan = batch_channels * windows * (k - 1) * windows
     return (merged if action.merge_attn else n), (merged if action.merge_mlp else n), plan
 
@@ -290,7 +497,7 @@ def _tokens_and_plan(action: BlockAction, n: int, k: int, windows: int, batch_ch
 def _count_schedule(meta: _MetaModel, report: MacReport, sdtm: SDTMConfig) -> None:
     """Fill ``report``'s totals, per-step table and phases from the block counts of ``meta``."""
     (grid_h, grid_w), steps, batch = report.grid, report.steps, report.batch
-    n, layers = grid_h * grid_w, len(meta.model.transformer_blocks)
+    n, layers = grid_h * grid_w, len(meta.blocks)
     k = sdtm.sx * sdtm.sy
     windows = (grid_h // sdtm.sy) * (grid_w // sdtm.sx)
     patch = meta.model.config.patch_size
@@ -301,7 +508,7 @@ def _count_schedule(meta: _MetaModel, report: MacReport, sdtm: SDTMConfig) -> No
     for step in range(steps):
         step_macs, attn_sum, mlp_sum, modes = outside, 0, 0, set()
         for layer in range(layers):
-            action = block_action(sdtm, step, steps, layer, layers, n)
+            action = block_action(sdtm, step, steps, layer, layers, n, windows)
             attn_tokens, mlp_tokens, plan = _tokens_and_plan(action, n, k, windows, batch * meta.channels)
             macs = meta.block(layer, attn_tokens)[0] + meta.block(layer, mlp_tokens)[1] + plan
             key = action.phase.value if action.mode is BlockMode.MERGED else action.mode.value
@@ -323,7 +530,7 @@ def format_report(report: MacReport, name: str) -> str:
     grid_h, grid_w = report.grid
     lines = [
         f"{name}: {report.height}x{report.width} (VAE factor {report.vae_scale}, {grid_h}x{grid_w} = "
-        f"{grid_h * grid_w} tokens), "
+        f"{grid_h * grid_w} tokens), {report.text_tokens} text tokens, "
         f"{report.steps} steps, batch {report.batch}",
         f"baseline {report.baseline_macs / 1e12:10.3f} TMACs ({report.baseline_macs / report.steps / 1e12:.3f} a step)",
         f"SDTM     {report.sdtm_macs / 1e12:10.3f} TMACs (plan matmuls {report.plan_macs / 1e12:.3f})",

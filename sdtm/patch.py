@@ -210,7 +210,9 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     adapter = state.adapter
     call = adapter.call_info(module, args, kwargs)
     state.begin_call(call.timestep, call.grid_height, call.grid_width)
-    state.prepare_blocks(call.batch, adapter.channels(module), module.dtype, call.device)
+    # The first parameter's dtype: diffusers' ``module.dtype`` walks every submodule on each call.
+    dtype = next(module.parameters()).dtype
+    state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device)
     return None
 
 

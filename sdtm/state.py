@@ -142,7 +142,7 @@ class SDTMState:
         new_schedule = timesteps is not self._timesteps
         if new_schedule:
             self._timesteps = timesteps
-            self._timestep_values = [float(t) for t in timesteps.detach().cpu().flatten()]
+            self._timestep_values = timesteps.detach().cpu().flatten().double().tolist()
         step = self._locate(timestep)
         if new_schedule or step < self.step:
             self.reset()

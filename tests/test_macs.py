@@ -1,9 +1,11 @@
-"""sdtm.macs: checking transformer configs, the latent factor of a diffusers folder, counting limits."""
+"""sdtm.macs: checking transformer configs, the latent factor of a diffusers folder, counting limits, and
+PixArt's MACs against a hand count."""
 
 import json
 
 import pytest
 
+from sdtm.config import SDTMConfig
 from sdtm.macs import PRESETS, VAE_SCALE, load_config, load_vae_scale, schedule_macs
 
 TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -107,3 +109,138 @@ def test_schedule_macs_uses_the_vae_factor():
 def test_counts_too_large_for_tensor_sizes_are_value_errors():
     with pytest.raises(ValueError, match="cannot count the MACs of 4 image and 100000000000 text tokens"):
         schedule_macs(dict(TINY), 32, 32, steps=1, text_tokens=10 ** 11)
+
+
+# PixArt: one block of width 3 x 8 = 24 (the size embedding of alpha's extra conditions needs a multiple of 3),
+# 12-wide captions projected to 24, no resolution / aspect-ratio conditioning.
+PIXART_TINY = dict(_class_name="PixArtTransformer2DModel", num_layers=1, num_attention_heads=3, attention_head_dim=8,
+                   in_channels=4, out_channels=8, patch_size=2, sample_size=8, cross_attention_dim=24,
+                   caption_channels=12, use_additional_conditions=False)
+
+
+def pixart_block_macs(b, n, s, c):
+    """(attention side, feed-forward) MACs of one PixArt block on n image and s text tokens, by hand.
+
+    Self-attention: q, k, v and output projections on n tokens, QK^T and AV (n x n x c each).
+    Cross-attention: q and output projections on n tokens, k and v on the s projected text tokens, QK^T and
+    AV (n x s x c each). Feed-forward (gelu-approximate, 4x): c -> 4c -> c. The block's adaLN-single
+    modulation is a table plus the timestep embedding, elementwise: no multiply-accumulates of its own.
+    """
+    self_attn = 4 * n * c * c + 2 * n * n * c
+    cross_attn = 2 * n * c * c + 2 * s * c * c + 2 * n * s * c
+    return b * (self_attn + cross_attn), b * 8 * n * c * c
+
+
+def pixart_outside_macs(b, n, s, c, cfg):
+    """Patch embedding (a conv), timestep MLP (256 -> c -> c), adaLN-single's c -> 6c, caption projection
+    (caption_channels -> c -> c) and the output projection; the final modulation is elementwise."""
+    p = cfg["patch_size"]
+    patch_embed = b * n * cfg["in_channels"] * p * p * c
+    time_embed = b * (256 * c + c * c) + b * c * 6 * c
+    caption = b * s * (cfg["caption_channels"] * c + c * c)
+    proj_out = b * n * c * p * p * cfg["out_channels"]
+    return patch_embed + time_embed + caption + proj_out
+
+
+def test_pixart_macs_match_hand_computation():
+    # 128 x 128 pixels -> 16 x 16 latent -> 8 x 8 = 64 tokens in 16 windows of 2 x 2; 5 text tokens.
+    b, n, s, c = 2, 64, 5, 24
+    outside = pixart_outside_macs(b, n, s, c, PIXART_TINY)
+
+    def block(attn_tokens, mlp_tokens):
+        return pixart_block_macs(b, attn_tokens, s, c)[0] + pixart_block_macs(b, mlp_tokens, s, c)[1]
+
+    plain = schedule_macs(dict(PIXART_TINY), 128, 128, steps=3, batch=b, text_tokens=s)
+    assert plain.model == "PixArtTransformer2DModel" and plain.grid == (8, 8)
+    assert plain.baseline_macs == 3 * (outside + block(n, n))
+    # One step removing int(64 * 0.8) = 51 tokens, no protection.
+    merge = dict(ratio=0.8, deviation=0.0, protect_steps_frequency=0)
+    # Structure phase: (51 // 3) // 16 * 16 = 16 windows of 4 tokens -> 16 tokens for attention and MLP.
+    ssm = schedule_macs(dict(PIXART_TINY), 128, 128, steps=1, batch=b, text_tokens=s,
+                        sdtm=SDTMConfig(switch_step=0, **merge))
+    assert ssm.sdtm_macs == outside + block(16, 16) and ssm.plan_macs == 0
+    assert ssm.per_step[0].attn_tokens == 16 and ssm.per_step[0].phase == "ssm"
+    # Detail phase: min(51, 48 sources) // 16 * 16 = 48 sources merged -> 16 tokens for the MLP only;
+    # the plan compares 48 sources with 16 destinations.
+    idm = schedule_macs(dict(PIXART_TINY), 128, 128, steps=1, batch=b, text_tokens=s,
+                        sdtm=SDTMConfig(switch_step=-1, **merge))
+    plan = b * c * 48 * 16
+    assert idm.plan_macs == plan and idm.sdtm_macs == outside + block(n, 16) + plan
+    assert (idm.per_step[0].attn_tokens, idm.per_step[0].mlp_tokens) == (64, 16)
+
+
+def test_default_text_tokens_per_model():
+    assert schedule_macs(dict(TINY), 64, 64, steps=1).text_tokens == 333
+    assert schedule_macs(dict(PIXART_TINY), 64, 64, steps=1).text_tokens == 300
+    alpha_like = dict(PIXART_TINY, use_additional_conditions=True)
+    assert schedule_macs(alpha_like, 64, 64, steps=1).text_tokens == 120
+    assert schedule_macs(alpha_like, 64, 64, steps=1, text_tokens=7).text_tokens == 7
+    assert PRESETS["pixart-sigma"]["use_additional_conditions"] is False
+    assert PRESETS["pixart-alpha"]["use_additional_conditions"] is True
+
+
+def test_pixart_sigma_preset_cli(capsys):
+    """PixArt-Sigma at 1024 x 1024, 50 steps, batch 2, SDTM defaults: the unmerged step matches the hand
+    count of 28 blocks of width 1152 on 4096 image and 300 text tokens, and SDTM saves MACs."""
+    from sdtm.__main__ import main
+
+    assert main(["macs", "--config", "pixart-sigma", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    b, n, s, c = 2, 4096, 300, 1152
+    step = 28 * sum(pixart_block_macs(b, n, s, c)) + pixart_outside_macs(b, n, s, c, PRESETS["pixart-sigma"])
+    assert result["baseline_macs"] == 50 * step and result["text_tokens"] == 300
+    assert result["model"] == "PixArtTransformer2DModel" and result["grid"] == [64, 64]
+    assert result["mac_ratio"] > 1 and result["plan_macs"] > 0
+
+
+def test_pixart_config_files_and_folders(tmp_path):
+    # Older PixArt folders name diffusers' Transformer2DModel with norm_type ada_norm_single.
+    older = {**PIXART_TINY, "_class_name": "Transformer2DModel", "norm_type": "ada_norm_single",
+             "double_self_attention": False, "only_cross_attention": False, "use_linear_projection": False}
+    folder = tmp_path / "pixart"
+    write_json(folder / "model_index.json", {"_class_name": "PixArtAlphaPipeline"})
+    write_json(folder / "transformer" / "config.json", older)
+    write_json(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", "block_out_channels": [8, 16, 32, 64]})
+    config = load_config(str(folder))
+    assert config["_class_name"] == "PixArtTransformer2DModel" and "double_self_attention" not in config
+    assert load_vae_scale(str(folder)) == 8
+    assert schedule_macs(config, 128, 128, steps=1, text_tokens=5).baseline_macs == schedule_macs(
+        dict(PIXART_TINY), 128, 128, steps=1, text_tokens=5).baseline_macs
+    # Without a positional table size, any grid: 2048 pixels a side is 128 x 128 tokens.
+    assert schedule_macs(config, 2048, 2048, steps=1, text_tokens=5).grid == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"norm_type": "ada_norm_zero"}, "norm_type must be \"ada_norm_single\""),
+        ({"cross_attention_dim": 16}, r"cross_attention_dim \(16\) must equal .*\(3 x 8 = 24\)"),
+        ({"num_attention_heads": 2, "cross_attention_dim": 16, "use_additional_conditions": True},
+         r"the width \(2 x 8 = 16\) must be a multiple of 3"),
+        ({"caption_channels": "12"}, "caption_channels must be a positive int or null"),
+        ({"use_additional_conditions": "yes"}, "use_additional_conditions must be true, false or null"),
+        ({"interpolation_scale": 0}, "interpolation_scale must be a positive number or null"),
+        ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero"},
+         "is a 'Transformer2DModel' config, not an SD3Transformer2DModel or PixArtTransformer2DModel one"),
+        ({"activation_fn": "bogus"}, "activation_fn must be one of gelu, gelu-approximate"),
+        ({"dropout": 2.0}, "PixArtTransformer2DModel cannot be built from this config: dropout probability"),
+    ],
+)
+def test_pixart_config_errors_name_the_file_and_the_key(tmp_path, changes, expected):
+    path = write_json(tmp_path / "config.json", {**PIXART_TINY, **changes})
+    with pytest.raises(ValueError, match=expected) as error:
+        load_config(path)
+    assert str(error.value).startswith(path)
+
+
+def test_load_config_turns_failures_of_the_trial_run_into_value_errors(tmp_path, monkeypatch):
+    from sdtm import macs
+
+    def fail(self, latent_h, latent_w):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x12 and 16x24)\nmore")
+
+    monkeypatch.setattr(macs._MetaModel, "forward", fail)
+    path = write_json(tmp_path / "config.json", PIXART_TINY)
+    with pytest.raises(ValueError, match=r"config.json: PixArtTransformer2DModel cannot run this config: mat1 and "
+                                         r"mat2 shapes cannot be multiplied \(2x12 and 16x24\)$"):
+        load_config(path)
