@@ -26,4 +26,8 @@ TORCH_LIBRARY(sdtm, m) {
   m.def(
       "norm_modulate_merge(Tensor x, Tensor shift, Tensor scale, float eps, Tensor slot, Tensor members, "
       "Tensor offsets, bool pseudo_merge) -> Tensor");
+  // The structure-phase plan (sdtm.plans.ssm_plan): (slot, blend, members, offsets, independent).
+  m.def(
+      "ssm_plan(Tensor window_scores, Tensor dst_position, int grid_h, int grid_w, int sy, int sx, int n_win, "
+      "bool pseudo_merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

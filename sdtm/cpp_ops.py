@@ -7,6 +7,8 @@ import torch
 
 from . import _C  # noqa: F401  (registers the ops)
 from .ops import OpSet
+from .plans import Grid, MergePlan
+from .schedule import windows_to_merge
 
 
 @torch.library.register_fake("sdtm::window_scores")
@@ -46,6 +48,25 @@ def _norm_modulate_merge_fake(x, shift, scale, eps, slot, members, offsets, pseu
     return x.new_empty((x.shape[0], offsets.shape[1] - 1, x.shape[2]))
 
 
+@torch.library.register_fake("sdtm::ssm_plan")
+def _ssm_plan_fake(window_scores, dst_position, grid_h, grid_w, sy, sx, n_win, pseudo_merge):
+    batch, tokens = window_scores.shape[0], grid_h * grid_w
+    index = window_scores.new_empty((batch, tokens), dtype=torch.int64)
+    flag = window_scores.new_empty((batch, tokens), dtype=torch.bool)
+    offsets = window_scores.new_empty((batch, tokens - n_win * (sy * sx - 1) + 1), dtype=torch.int64)
+    return index, flag, torch.empty_like(index), offsets, torch.empty_like(flag)
+
+
+def _ssm_plan(window_scores: torch.Tensor, grid: Grid, reduce_num: int, dst_position: torch.Tensor,
+              pseudo_merge: bool) -> MergePlan:
+    """``sdtm.plans.ssm_plan`` as one compiled op (same arguments, identical plan)."""
+    n_win = windows_to_merge(reduce_num, grid.window_size, window_scores.shape[1])
+    slot, blend, members, offsets, independent = torch.ops.sdtm.ssm_plan(
+        window_scores, dst_position, grid.height, grid.width, grid.sy, grid.sx, n_win, pseudo_merge
+    )
+    return MergePlan(slot=slot, blend=blend, members=members, offsets=offsets, independent=independent)
+
+
 def _unmerge(y, slot, blend, cache, gate, residual, mcw, store_cache):
     """``torch.ops.sdtm.unmerge``; without a residual the new cache equals the output, so it is computed
     once and returned twice, as the torch twin returns it."""
@@ -64,4 +85,5 @@ CPP_OPS = OpSet(
     unmerge_into=torch.ops.sdtm.unmerge_into,
     norm_modulate=torch.ops.sdtm.norm_modulate,
     norm_modulate_merge=torch.ops.sdtm.norm_modulate_merge,
+    ssm_plan=_ssm_plan,
 )

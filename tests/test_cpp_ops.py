@@ -303,3 +303,34 @@ def test_bad_arguments_are_reported(cpp):
         cpp.window_scores(x, None, 3, 3, 2, 2, 0.0)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         cpp.window_scores(x.double(), None, 2, 2, 2, 2, 0.0)
+
+
+@requires_cpp
+@pytest.mark.parametrize(
+    "shape, reduce_num, pseudo",
+    [((2, 8, 16, 4, 2, 2), 60, False), ((3, 13, 15, 4, 2, 2), 100, True), ((2, 16, 16, 4, 2, 3), 200, False),
+     ((1, 9, 9, 4, 3, 3), 0, True), ((2, 1, 1, 4, 2, 2), 5, False), ((2, 64, 64, 4, 2, 2), 2048, False),
+     ((2, 16, 16, 4, 2, 2), 10**6, True)],
+    ids=["8x16", "13x15-pseudo", "16x16-win2x3", "9x9-empty", "1x1-no-window", "64x64", "all-windows"],
+)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied-scores"])
+def test_cpp_ssm_plan_equals_torch_plan(shape, reduce_num, pseudo, ties):
+    from sdtm.cpp_ops import CPP_OPS
+
+    grid, x, _, g = op_inputs(shape, torch.float32)
+    scores = R.window_scores(x, None, grid.height, grid.width, grid.sy, grid.sx, 0.0)
+    if ties:  # few distinct values: the order among equal scores must be the stable one
+        scores = (scores * 4).round() / 4
+    position = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
+    expected = ssm_plan(scores, grid, reduce_num, position, pseudo)
+    actual = CPP_OPS.ssm_plan(scores, grid, reduce_num, position, pseudo)
+    for name in ("slot", "blend", "members", "offsets", "independent"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name).expand_as(getattr(actual, name))), name
+
+
+@requires_cpp
+def test_cpp_ssm_plan_opcheck():
+    grid, x, _, g = op_inputs((2, 8, 12, 4, 2, 2), torch.float32)
+    scores = R.window_scores(x, None, grid.height, grid.width, grid.sy, grid.sx, 0.0)
+    position = random_or_first_positions(2, grid.num_windows, grid.window_size, True, g, x.device)
+    torch.library.opcheck(torch.ops.sdtm.ssm_plan.default, (scores, position, 8, 12, 2, 2, 16, False))
