@@ -106,8 +106,8 @@ def test_cpp_merged_blocks_call_each_fused_op_once_per_use():
     blocks = _counted("cpp").per_block
     structure, detail = blocks["structure"]["ops"], blocks["detail"]["ops"]
     assert {k: v for k, v in structure.items() if k.startswith("sdtm.")} == {
-        "sdtm.norm_modulate": 1, "sdtm.window_scores": 1, "sdtm.merge": 1, "sdtm.norm_modulate_merge": 1,
-        "sdtm.unmerge_into": 2}
+        "sdtm.norm_modulate": 1, "sdtm.window_scores": 1, "sdtm.ssm_plan": 1, "sdtm.merge": 1,
+        "sdtm.norm_modulate_merge": 1, "sdtm.unmerge_into": 2}
     # Detail phase: attention unmerged, only the MLP merges.
     assert {k: v for k, v in detail.items() if k.startswith("sdtm.")} == {
         "sdtm.norm_modulate": 1, "sdtm.bipartite_match": 1, "sdtm.norm_modulate_merge": 1, "sdtm.unmerge_into": 1}
