@@ -18,8 +18,28 @@ from .plans import (
     idm_destinations,
     merge_age_priority,
 )
-from .schedule import Phase
+from .schedule import BlockAction, BlockMode, Phase
 from .state import BlockLink
+
+
+def begin_block(link: BlockLink, hidden_states: torch.Tensor) -> BlockAction:
+    """What a patched block does in this call, after checking that its transformer prepared it and that
+    ``hidden_states`` [B, N, C] has the grid's N image tokens. For an UNCHANGED block of a protected layer
+    the merge age is reset here (the next merge starts T afresh)."""
+    action = link.action
+    if action is None:
+        raise RuntimeError(
+            "an SDTM-patched block was called outside its transformer's forward; call the transformer."
+        )
+    grid = link.state.grid
+    if hidden_states.shape[1] != grid.num_tokens:
+        raise ValueError(
+            f"the block got {hidden_states.shape[1]} image tokens but the latent grid is "
+            f"{grid.height}x{grid.width}={grid.num_tokens} tokens."
+        )
+    if action.mode is BlockMode.UNCHANGED and action.reset_merge_age:
+        link.stream.merge_age.zero_()
+    return action
 
 
 @torch.no_grad()

@@ -40,20 +40,8 @@ def pixart_block_forward(
 ) -> torch.Tensor:
     """Forward of a patched PixArt ``BasicTransformerBlock``; same signature and output as diffusers'."""
     link: BlockLink = self._sdtm
-    action = link.action
-    if action is None:
-        raise RuntimeError(
-            "an SDTM-patched block was called outside its transformer's forward; call the transformer."
-        )
-    grid = link.state.grid
-    if hidden_states.shape[1] != grid.num_tokens:
-        raise ValueError(
-            f"the block got {hidden_states.shape[1]} image tokens but the latent grid is "
-            f"{grid.height}x{grid.width}={grid.num_tokens} tokens."
-        )
+    action = engine.begin_block(link, hidden_states)
     if action.mode is BlockMode.UNCHANGED:
-        if action.reset_merge_age:  # a protected layer: the next merge starts T afresh
-            link.stream.merge_age.zero_()
         return self._sdtm_parent.forward(
             self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
             cross_attention_kwargs, class_labels, added_cond_kwargs,

@@ -46,20 +46,8 @@ def sd3_block_forward(
 ):
     """Forward of a patched ``JointTransformerBlock``; same signature and outputs as diffusers'."""
     link: BlockLink = self._sdtm
-    action = link.action
-    if action is None:
-        raise RuntimeError(
-            "an SDTM-patched block was called outside its transformer's forward; call the transformer."
-        )
-    grid = link.state.grid
-    if hidden_states.shape[1] != grid.num_tokens:
-        raise ValueError(
-            f"the block got {hidden_states.shape[1]} image tokens but the latent grid is "
-            f"{grid.height}x{grid.width}={grid.num_tokens} tokens."
-        )
+    action = engine.begin_block(link, hidden_states)
     if action.mode is BlockMode.UNCHANGED:
-        if action.reset_merge_age:  # a protected layer: the next merge starts T afresh
-            link.stream.merge_age.zero_()
         return self._sdtm_parent.forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
 
     joint_attention_kwargs = joint_attention_kwargs or {}
