@@ -19,7 +19,9 @@ class SDTMConfig:
             the last step ``ratio - deviation``. Must satisfy 0 <= ratio - deviation and
             ratio + deviation <= 1. 0.2.
         switch_step: steps ``s <= switch_step`` are the structure phase (SSM: merge before attention and
-            MLP); later steps are the detail phase (IDM: merge before the MLP only). 20.
+            MLP); later steps are the detail phase (IDM: merge before the MLP only). 20. None: the model
+            family's default, decided when the step count is known (``ModelAdapter.resolve_config``):
+            20 for SD3 / SD3.5 (the reference's), 40% of the steps for Flux and PixArt.
         use_rand: pick the destination token of SSM windows (and of IDM windows before any merge age
             exists) at random, per sample; forced off for odd batch sizes. True.
         sx, sy: window width and height in tokens (K = sx * sy >= 2 tokens per window). 2, 2.
@@ -45,7 +47,7 @@ class SDTMConfig:
 
     ratio: float = 0.3
     deviation: float = 0.2
-    switch_step: int = 20
+    switch_step: int | None = 20
     use_rand: bool = True
     sx: int = 2
     sy: int = 2
@@ -74,7 +76,8 @@ class SDTMConfig:
         _check_real("a_s", self.a_s, -math.inf, math.inf)
         _check_real("a_d", self.a_d, -math.inf, math.inf)
         _check_real("a_p", self.a_p, -math.inf, math.inf)
-        _check_int("switch_step", self.switch_step, minimum=None)
+        if self.switch_step is not None:
+            _check_int("switch_step", self.switch_step, minimum=None)
         _check_int("sx", self.sx, minimum=1)
         _check_int("sy", self.sy, minimum=1)
         if self.sx * self.sy < 2:

@@ -14,7 +14,7 @@ from .ops import OpSet
 from .plans import MergePlan
 
 
-def _plain_layer_norm(norm: torch.nn.Module) -> bool:
+def plain_layer_norm(norm: torch.nn.Module) -> bool:
     return type(norm) is torch.nn.LayerNorm and norm.weight is None and norm.bias is None
 
 
@@ -27,7 +27,7 @@ def fusable(block: torch.nn.Module) -> bool:
             return False
     elif type(norm1) is not SD35AdaLayerNormZeroX:
         return False
-    return _plain_layer_norm(norm1.norm) and _plain_layer_norm(block.norm2)
+    return plain_layer_norm(norm1.norm) and plain_layer_norm(block.norm2)
 
 
 def norm1(block: torch.nn.Module, hidden_states: torch.Tensor, temb: torch.Tensor, ops: OpSet) -> tuple:

@@ -1,4 +1,5 @@
-"""Apply SDTM to a diffusers SD3 / SD3.5 pipeline or transformer, and remove it again."""
+"""Apply SDTM to a diffusers pipeline or transformer (SD3 / SD3.5, Flux.1, PixArt-alpha / Sigma), and
+remove it again."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def apply_SDTM(
     pipe: Any,
     ratio: float = 0.3,
     deviation: float = 0.2,
-    switch_step: int = 20,
+    switch_step: int | None = None,
     use_rand: bool = True,
     sx: int = 2,
     sy: int = 2,
@@ -38,9 +39,12 @@ def apply_SDTM(
     scheduler: Any = None,
     cuda_graphs: bool = False,
 ) -> Any:
-    """Patch a ``StableDiffusion3Pipeline`` (or an ``SD3Transformer2DModel``) with SDTM and return it.
+    """Patch a diffusers pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtSigmaPipeline``,
+    ...) or its transformer with SDTM and return it; sdtm/models/ lists the supported transformers.
 
     Keyword names and meanings follow the public reference implementation; see ``SDTMConfig`` for each.
+    ``switch_step=None`` takes the model family's default: 20 for SD3 / SD3.5 (the reference's), the first
+    40% of the steps for Flux and PixArt (not validated on real weights).
     A transformer used on its own needs ``scheduler``: the scheduler whose timesteps it is called with,
     from which SDTM derives the step. Applying twice replaces the first patch.
 
@@ -95,7 +99,7 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
         link = BlockLink(state, layer, sublayers=adapter.sublayers(block))
         state.links.append(link)
         block._sdtm = link
-        block.__class__ = _patched_class(type(block), adapter.block_forward)
+        block.__class__ = _patched_class(type(block), adapter.forward_for(block))
     if config.cuda_graphs and graphs.graph_stats(transformer) is None:
         graphs.enable_cuda_graphs(transformer)
         transformer._sdtm_enabled_graphs = True
@@ -169,6 +173,9 @@ class SchedulerTimesteps:
     def __call__(self) -> torch.Tensor | None:
         return getattr(self.scheduler, "timesteps", None)
 
+    def scheduler_step(self) -> int | None:
+        return _scheduler_step(self.scheduler)
+
 
 class PipelineTimesteps:
     """The ``timesteps`` of the scheduler a pipeline holds now (a weak reference: the transformer does not
@@ -186,11 +193,35 @@ class PipelineTimesteps:
             raise RuntimeError("the pipeline SDTM was applied to no longer exists; apply it again.")
         return getattr(pipe.scheduler, "timesteps", None)
 
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep the pipeline's denoising loop is at (diffusers pipelines keep it in
+        ``_current_timestep``, an element of the scheduler's timesteps), or None outside the loop."""
+        pipe = self._pipe()
+        current = getattr(pipe, "_current_timestep", None) if pipe is not None else None
+        return current if isinstance(current, torch.Tensor) else None
+
+    def scheduler_step(self) -> int | None:
+        pipe = self._pipe()
+        return _scheduler_step(pipe.scheduler) if pipe is not None else None
+
     def __deepcopy__(self, memo: dict) -> Callable[[], torch.Tensor | None]:
         copied_pipe = memo.get(id(self._pipe()))
         if copied_pipe is None:
             return _copied_without_pipeline
         return PipelineTimesteps(copied_pipe)
+
+
+def _scheduler_step(scheduler: Any) -> int | None:
+    """The step a scheduler will take next (its ``step_index``, or ``begin_index`` before its first step),
+    for schedulers that count their steps; None otherwise."""
+    try:
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            index = getattr(scheduler, "begin_index", None)
+            index = 0 if index is None and hasattr(scheduler, "step_index") else index
+    except Exception:  # a scheduler whose properties need state it does not have yet
+        return None
+    return index if isinstance(index, int) else None
 
 
 def _copied_without_pipeline() -> torch.Tensor | None:
@@ -209,7 +240,7 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     state: SDTMState = module._sdtm_state
     adapter = state.adapter
     call = adapter.call_info(module, args, kwargs)
-    state.begin_call(call.timestep, call.grid_height, call.grid_width)
+    state.begin_call(call.timestep, call.grid_height, call.grid_width, call.timestep_scale)
     # The first parameter's dtype: diffusers' ``module.dtype`` walks every submodule on each call.
     dtype = next(module.parameters()).dtype
     state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device)
@@ -224,6 +255,9 @@ def _patched_class(block_class: type, forward: Callable) -> type:
         _patched_classes[block_class] = type(
             f"SDTM{block_class.__name__}",
             (block_class,),
-            {"forward": forward, "_sdtm_parent": block_class},
+            # The original forward as a plain function: dynamo cannot trace ``Parent.forward`` on classes
+            # diffusers marks with ``maybe_allow_in_graph`` (Flux's blocks).
+            {"forward": forward, "_sdtm_parent": block_class,
+             "_sdtm_original_forward": staticmethod(block_class.forward)},
         )
     return _patched_classes[block_class]

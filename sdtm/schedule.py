@@ -57,6 +57,9 @@ def tokens_to_remove(num_tokens: int, ratio: float) -> int:
 
 
 def phase_at_step(config: SDTMConfig, step: int) -> Phase:
+    if config.switch_step is None:
+        raise ValueError("switch_step None (the model's default) must be resolved first: "
+                         "ModelAdapter.resolve_config(config, num_steps).")
     return Phase.STRUCTURE if step <= config.switch_step else Phase.DETAIL
 
 
@@ -137,6 +140,17 @@ def step_program(
         block_action(config, step, num_steps, layer, num_layers, num_tokens, num_windows)
         for layer in range(num_layers)
     )
+
+
+def action_for_sublayers(action: BlockAction, kinds: frozenset[str]) -> BlockAction:
+    """``action`` for a block whose sub-layers are of ``kinds`` ("attn" merges in the structure phase,
+    "mlp" in both): a MERGED action that merges none of them (the detail phase in a block without an
+    "mlp" sub-layer, e.g. Flux's single-stream blocks) leaves the block UNCHANGED."""
+    if action.mode is not BlockMode.MERGED:
+        return action
+    if (action.merge_attn and kinds - {"mlp"}) or (action.merge_mlp and "mlp" in kinds):
+        return action
+    return BlockAction(BlockMode.UNCHANGED, action.phase)
 
 
 def merged_tokens(action: BlockAction, num_tokens: int, window_size: int, num_windows: int) -> int:

@@ -16,6 +16,7 @@ caches live in tensors allocated once per stream and updated in place.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +26,7 @@ import torch
 from .config import SDTMConfig
 from .ops import OpSet, ops_for
 from .plans import Grid
-from .schedule import BlockAction, BlockMode, Phase, merged_tokens, step_program
+from .schedule import BlockAction, BlockMode, Phase, action_for_sublayers, merged_tokens, step_program
 
 TIMESTEP_RTOL = 1e-3  # a timestep cast to fp16 (spacing 0.5 near 1000) still finds its step
 
@@ -116,6 +117,7 @@ class SDTMState:
     _timestep_values: list[float] = field(default_factory=list)
     _remove_buffer: torch.Tensor | None = None
     _draw_buffer: torch.Tensor | None = None  # [L, B, W] random destinations of a call, filled in place
+    _resolved: tuple[int, SDTMConfig] | None = None  # (step count, config with the default switch step)
 
     def reset(self) -> None:
         """Forget the current generation: step, generator, records; caches become invalid and merge
@@ -127,9 +129,10 @@ class SDTMState:
         self.generator = None
         self.records.clear()
 
-    def begin_call(self, timestep: torch.Tensor | float, grid_height: int, grid_width: int):
-        """Locate the step of a transformer call (on a ``grid_height`` x ``grid_width`` token grid) and
-        start a new generation when needed."""
+    def begin_call(self, timestep: torch.Tensor | float, grid_height: int, grid_width: int,
+                   timestep_scale: float = 1.0):
+        """Locate the step of a transformer call (on a ``grid_height`` x ``grid_width`` token grid; its
+        ``timestep * timestep_scale`` is in the scheduler's units) and start a new generation when needed."""
         if self.timesteps_source is None:
             raise RuntimeError(
                 "SDTM needs the denoising schedule to know the current step: apply it to the pipeline "
@@ -143,7 +146,7 @@ class SDTMState:
         if new_schedule:
             self._timesteps = timesteps
             self._timestep_values = timesteps.detach().cpu().flatten().double().tolist()
-        step = self._locate(timestep)
+        step = self._locate(timestep, timestep_scale)
         if new_schedule or step < self.step:
             self.reset()
             self.generation += 1
@@ -163,8 +166,8 @@ class SDTMState:
         """Decide what every block does in this call and hand each its inputs (see ``BlockLink``); append
         the call's token counts to ``records``. Runs after ``begin_call``."""
         grid, config = self.grid, self.config
-        program = step_program(config, self.step, self.num_steps, self.num_layers, grid.num_tokens,
-                               grid.num_windows)
+        program = _block_program(self._resolved_config(), self.step, self.num_steps, grid,
+                                 tuple(frozenset(link.sublayers.values()) for link in self.links))
         if self.ops is None or self.ops_device != device:
             self.ops, self.ops_device = ops_for(config.backend, device), device
         stream = self._stream(batch, channels, dtype, device)
@@ -186,6 +189,17 @@ class SDTMState:
                 merged if action.merge_attn else grid.num_tokens, merged if action.merge_mlp else grid.num_tokens,
             ))
         stream.age_exists = age_exists
+
+    def _resolved_config(self) -> SDTMConfig:
+        """``config`` with the model's default switch step filled in for this generation's step count."""
+        if self.config.switch_step is not None:
+            return self.config
+        if self._resolved is None or self._resolved[0] != self.num_steps:
+            from .models import SD3Adapter  # the reference's fixed default where no model is known
+
+            adapter = self.adapter if self.adapter is not None else SD3Adapter()
+            self._resolved = (self.num_steps, adapter.resolve_config(self.config, self.num_steps))
+        return self._resolved[1]
 
     def _stream(self, batch: int, channels: int, dtype: torch.dtype, device: torch.device) -> CallStream:
         """The current call's stream, its merge age allocated for this batch and grid."""
@@ -243,8 +257,10 @@ class SDTMState:
                device: torch.device) -> list[torch.Tensor]:
         """Random destination positions of every block of this call that picks at random, drawn at once
         from the generation's generator: [B, W] int64 each, in block order."""
-        # With an odd batch, conditional and unconditional samples cannot pair up: randomness off.
-        if not self.config.use_rand or batch % 2 or grid.num_windows == 0:
+        # With an odd batch, conditional and unconditional samples cannot pair up: randomness off (for
+        # models whose batches hold such pairs).
+        odd_pairs = batch % 2 and getattr(self.adapter, "cfg_pairs", True)
+        if not self.config.use_rand or odd_pairs or grid.num_windows == 0:
             return []
         needed, age_exists = 0, stream.age_exists
         for action in program:
@@ -281,11 +297,22 @@ class SDTMState:
             for link in self.links
         ))
 
-    def _locate(self, timestep: torch.Tensor | float) -> int:
-        step = self._locate_view(timestep)
+    def _locate(self, timestep: torch.Tensor | float, scale: float = 1.0) -> int:
+        """The step of ``timestep`` (times ``scale``): from its address when it is a view into the
+        scheduler's timesteps; else from the pipeline's current timestep when the value lives on an
+        accelerator (reading it would wait for the device); else from its value, the nearest of the
+        scheduler's timesteps within the rounding of the value's dtype (ties of a low-precision value go
+        to the pipeline's step, the scheduler's step count, this step, then the next)."""
+        step = self._locate_view(timestep) if scale == 1.0 else None
         if step is not None:
             return step
+        hint = self._pipeline_step()
+        if hint is not None and isinstance(timestep, torch.Tensor) and timestep.device.type not in ("cpu", "meta"):
+            return hint
+        rtol = TIMESTEP_RTOL
         if isinstance(timestep, torch.Tensor):
+            if timestep.dtype.is_floating_point:
+                rtol = max(rtol, 2 * torch.finfo(timestep.dtype).eps)
             values = timestep.detach().float().flatten().cpu()
             if values.numel() == 0:
                 raise ValueError("the transformer was called with an empty timestep tensor.")
@@ -297,14 +324,25 @@ class SDTMState:
             t = float(values[0])
         else:
             t = float(timestep)
+        t *= scale
         distances = [abs(v - t) for v in self._timestep_values]
-        step = min(range(len(distances)), key=distances.__getitem__)
-        if distances[step] > TIMESTEP_RTOL * max(1.0, abs(t)):
+        candidates = [i for i, d in enumerate(distances) if d <= rtol * max(1.0, abs(t))]
+        if not candidates:
             raise ValueError(
                 f"timestep {t} is not one of the scheduler's timesteps; SDTM derives the step from it. "
                 "Pass the scheduler that produced the timesteps."
             )
-        return step
+        counted = getattr(self.timesteps_source, "scheduler_step", None)
+        for preferred in (hint, counted() if counted is not None else None, self.step, self.step + 1):
+            if preferred in candidates and len(candidates) > 1:
+                return preferred
+        return min(candidates, key=distances.__getitem__)
+
+    def _pipeline_step(self) -> int | None:
+        """The step of the pipeline's current timestep (a view into the scheduler's timesteps), if known."""
+        current = getattr(self.timesteps_source, "current_timestep", None)
+        timestep = current() if current is not None else None
+        return self._locate_view(timestep) if timestep is not None else None
 
     def _locate_view(self, timestep) -> int | None:
         """The step without reading the value: pipelines pass ``t.expand(B)`` for ``t`` in the scheduler's
@@ -348,6 +386,14 @@ class SDTMState:
     def cache_bytes(self) -> int:
         """Bytes held by the output caches of all streams."""
         return sum(t.numel() * t.element_size() for s in self.streams.values() for t in s.caches.values())
+
+
+@functools.lru_cache(maxsize=512)
+def _block_program(config: SDTMConfig, step: int, num_steps: int, grid: Grid,
+                   kinds: tuple[frozenset[str], ...]) -> tuple[BlockAction, ...]:
+    """Every block's action at ``step``, for blocks with sub-layers of ``kinds`` (one entry per block)."""
+    program = step_program(config, step, num_steps, len(kinds), grid.num_tokens, grid.num_windows)
+    return tuple(action_for_sublayers(action, k) for action, k in zip(program, kinds))
 
 
 def _needs_draw(action: BlockAction, age_exists: bool) -> bool:

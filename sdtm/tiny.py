@@ -170,3 +170,69 @@ def tiny_pixart_prompt_embeds(spec: TinyPixArtSpec, batch: int = 1, seed: int = 
         "negative_prompt_embeds": torch.randn(*shape, generator=generator).to(dtype),
         "negative_prompt_attention_mask": mask.clone(),
     }
+
+
+@dataclass(frozen=True)
+class TinyFluxSpec:
+    """Shape of a tiny Flux.1 transformer: ``num_layers`` double-stream and ``num_single_layers``
+    single-stream blocks; tokens are 2x2 patches of a ``latent_channels``-channel latent (packed by the
+    pipeline); the rotary axes split ``head_dim``. ``guidance``: guidance-distilled (Flux.1-dev style)."""
+
+    num_layers: int = 1
+    num_single_layers: int = 2
+    heads: int = 2
+    head_dim: int = 16
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    joint_attention_dim: int = 32
+    pooled_projection_dim: int = 16
+    latent_channels: int = 4
+    guidance: bool = True
+    text_tokens: int = 7
+
+    @property
+    def channels(self) -> int:
+        return self.heads * self.head_dim
+
+
+def tiny_flux_pipeline(spec: TinyFluxSpec = TinyFluxSpec(), seed: int = 0, dtype=torch.float32):
+    """A ``FluxPipeline`` with a tiny transformer and VAE (no down-sampling: an image of side s has an
+    (s/2) x (s/2) token grid), no text encoders. Call it with ``tiny_flux_prompt_embeds``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * spec.latent_channels,
+        num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers,
+        attention_head_dim=spec.head_dim,
+        num_attention_heads=spec.heads,
+        joint_attention_dim=spec.joint_attention_dim,
+        pooled_projection_dim=spec.pooled_projection_dim,
+        guidance_embeds=spec.guidance,
+        axes_dims_rope=spec.axes_dims_rope,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(spec.latent_channels, seed, dtype),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer.to(dtype).eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_prompt_embeds(spec: TinyFluxSpec, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
+    """Keyword arguments with random prompt embeddings (T5-like sequence and pooled CLIP-like vector)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(batch, spec.text_tokens, spec.joint_attention_dim, generator=generator).to(dtype),
+        "pooled_prompt_embeds": torch.randn(batch, spec.pooled_projection_dim, generator=generator).to(dtype),
+    }

@@ -39,7 +39,7 @@ def test_bad_values_raise_value_error_naming_the_argument(changes, message):
         SDTMConfig(**changes)
 
 
-@pytest.mark.parametrize("changes", [{"ratio": "0.3"}, {"sx": 2.0}, {"use_rand": 1}, {"switch_step": None}])
+@pytest.mark.parametrize("changes", [{"ratio": "0.3"}, {"sx": 2.0}, {"use_rand": 1}, {"switch_step": 2.5}])
 def test_bad_types_raise_type_error(changes):
     with pytest.raises(TypeError):
         SDTMConfig(**changes)
@@ -61,7 +61,7 @@ def test_pipeline_without_transformer_says_so(sd3_pipe):
 
 
 def test_module_without_sd3_blocks_is_rejected():
-    with pytest.raises(ValueError, match="SDTM supports diffusers' SD3Transformer2DModel, PixArtTransformer2DModel"):
+    with pytest.raises(ValueError, match="SDTM supports diffusers' SD3Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel"):
         apply_SDTM(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="expected a diffusers pipeline"):
         apply_SDTM(object())
@@ -84,3 +84,14 @@ def test_cpp_backend_refuses_other_devices():
         pytest.skip(cpp_unavailable_reason())
     with pytest.raises(ValueError, match="run on CPU tensors, got meta"):
         ops_for("cpp", torch.device("meta"))
+
+
+def test_switch_step_none_takes_the_model_familys_default():
+    from sdtm.models import FluxAdapter, PixArtAdapter, SD3Adapter
+
+    config = SDTMConfig(switch_step=None)
+    assert SD3Adapter().resolve_config(config, 28).switch_step == 20  # the reference's, whatever the steps
+    assert FluxAdapter().resolve_config(config, 28).switch_step == 10  # steps 0-10: 11 of 28 structure
+    assert PixArtAdapter().resolve_config(config, 20).switch_step == 7
+    assert FluxAdapter().resolve_config(config, 4).switch_step == 1
+    assert FluxAdapter().resolve_config(SDTMConfig(switch_step=5), 28).switch_step == 5

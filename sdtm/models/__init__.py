@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from .base import CallInfo, ModelAdapter
+from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (SD3Adapter(), PixArtAdapter())
+ADAPTERS: tuple[ModelAdapter, ...] = (SD3Adapter(), FluxAdapter(), PixArtAdapter())
 
-__all__ = ["ADAPTERS", "CallInfo", "ModelAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "CallInfo", "FluxAdapter", "ModelAdapter", "PixArtAdapter", "SD3Adapter", "adapter_for"]
 
 
 def adapter_for(transformer: torch.nn.Module) -> ModelAdapter:

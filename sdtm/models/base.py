@@ -9,39 +9,67 @@ from typing import Any, Callable
 import torch
 
 
+DEFAULT_SWITCH_STEP = 20  # the reference implementation's, for SD3
+
+
 @dataclass(frozen=True)
 class CallInfo:
-    """What one transformer call tells SDTM: its timestep (in the scheduler's units), the image-token grid
-    (rows x columns), the batch and the device of the image tokens."""
+    """What one transformer call tells SDTM: its timestep, the image-token grid (rows x columns), the
+    batch and the device of the image tokens. ``timestep * timestep_scale`` is in the scheduler's units
+    (Flux is called with a thousandth of them)."""
 
     timestep: torch.Tensor | float
     grid_height: int
     grid_width: int
     batch: int
     device: torch.device
+    timestep_scale: float = 1.0
 
 
 class ModelAdapter:
     """One model family. Subclasses set the class attributes and implement ``call_info``.
 
     transformer_class: the diffusers transformer class name this adapter serves.
-    block_class: the class name of the blocks SDTM patches (found anywhere in the transformer).
-    block_forward: the patched blocks' forward (same signature and outputs as the original).
+    block_forwards: class name of each kind of block SDTM patches (found anywhere in the transformer) ->
+        the patched blocks' forward (same signature and outputs as the original).
+    cfg_pairs: a batch holds conditional / unconditional pairs (classifier-free guidance in one call), so
+        an odd batch turns the random destinations off (SPEC); False for guidance-distilled models.
     """
 
     name: str = ""
     transformer_class: str = ""
-    block_class: str = ""
-    block_forward: Callable[..., Any]
+    block_forwards: dict[str, Callable[..., Any]] = {}
+    cfg_pairs: bool = True
+    # Default switch step (``switch_step=None``): this share of the steps runs the structure phase; None
+    # keeps the reference's fixed step 20 (SD3).
+    structure_share: float | None = None
+
+    def resolve_config(self, config, num_steps: int):
+        """``config`` (an SDTMConfig) with ``switch_step=None`` replaced by this family's default for
+        ``num_steps`` steps: 20, or the last step of the first ``structure_share`` of the steps."""
+        if config.switch_step is not None:
+            return config
+        if self.structure_share is None:
+            return config.replace(switch_step=DEFAULT_SWITCH_STEP)
+        return config.replace(switch_step=max(0, round(self.structure_share * num_steps) - 1))
 
     def matches(self, transformer: torch.nn.Module) -> bool:
         return any(cls.__name__ == self.transformer_class for cls in type(transformer).__mro__)
 
+    def forward_for(self, block: torch.nn.Module) -> Callable[..., Any] | None:
+        """SDTM's forward for ``block``'s class (None for modules SDTM does not patch)."""
+        for cls in type(block).__mro__:
+            if cls.__name__ in self.block_forwards:
+                return self.block_forwards[cls.__name__]
+        return None
+
     def blocks(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
-        """The blocks to patch, in call order; raises ValueError for a block variant SDTM cannot run."""
-        blocks = [m for m in transformer.modules() if any(c.__name__ == self.block_class for c in type(m).__mro__)]
+        """The blocks to patch, in module order (the order a diffusers transformer calls them); raises
+        ValueError for a block variant SDTM cannot run."""
+        blocks = [m for m in transformer.modules() if self.forward_for(m) is not None]
         if not blocks:
-            raise ValueError(f"{type(transformer).__name__} has no {self.block_class} blocks.")
+            kinds = " / ".join(self.block_forwards)
+            raise ValueError(f"{type(transformer).__name__} has no {kinds} blocks.")
         for block in blocks:
             self.check_block(block)
         return blocks

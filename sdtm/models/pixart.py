@@ -42,7 +42,7 @@ def pixart_block_forward(
     link: BlockLink = self._sdtm
     action = engine.begin_block(link, hidden_states)
     if action.mode is BlockMode.UNCHANGED:
-        return self._sdtm_parent.forward(
+        return self._sdtm_original_forward(
             self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
             cross_attention_kwargs, class_labels, added_cond_kwargs,
         )
@@ -112,8 +112,8 @@ class PixArtAdapter(ModelAdapter):
 
     name = "pixart"
     transformer_class = "PixArtTransformer2DModel"
-    block_class = "BasicTransformerBlock"
-    block_forward = staticmethod(pixart_block_forward)
+    block_forwards = {"BasicTransformerBlock": pixart_block_forward}
+    structure_share = 0.4  # unvalidated on real weights (README)
 
     def check_block(self, block: torch.nn.Module) -> None:
         if getattr(block, "norm_type", None) != "ada_norm_single" or getattr(block, "pos_embed", None) is not None:

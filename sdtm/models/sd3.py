@@ -48,7 +48,7 @@ def sd3_block_forward(
     link: BlockLink = self._sdtm
     action = engine.begin_block(link, hidden_states)
     if action.mode is BlockMode.UNCHANGED:
-        return self._sdtm_parent.forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+        return self._sdtm_original_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
 
     joint_attention_kwargs = joint_attention_kwargs or {}
     ops = link.state.ops
@@ -130,8 +130,7 @@ class SD3Adapter(ModelAdapter):
 
     name = "sd3"
     transformer_class = "SD3Transformer2DModel"
-    block_class = "JointTransformerBlock"
-    block_forward = staticmethod(sd3_block_forward)
+    block_forwards = {"JointTransformerBlock": sd3_block_forward}
 
     def sublayers(self, block: torch.nn.Module) -> dict[str, str]:
         names = {"attn": "attn", "attn2": "attn", "mlp": "mlp"}

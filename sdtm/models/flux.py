@@ -1,0 +1,349 @@
+"""Flux.1 (``FluxTransformer2DModel``): SDTM's forwards of diffusers' ``FluxTransformerBlock`` (double
+stream) and ``FluxSingleTransformerBlock`` (single stream).
+
+Flux packs 2x2 latent patches into one token and says where each token sits in ``img_ids`` (rows of
+(0, row, column)); SDTM reads the grid from there, once per ``img_ids`` tensor. The transformer is called
+with ``timestep / 1000``: the step is found at 1000 times that.
+
+Rotary positions: a merged token takes the rotary rows (cos, sin) of its group's destination token, the
+token that also anchors the group in the merge plan (``members`` lists it first), so attention sees
+every merged token at one real position of its window; text rows are untouched. The table then differs
+per sample ([B, S, D]), which diffusers' ``apply_rotary_emb`` does not broadcast, so merged attention runs
+through ``merged_attention`` below, the arithmetic of diffusers' ``FluxAttnProcessor`` with per-sample
+tables. Blocks whose attention uses another processor (e.g. IP-Adapter) refuse to merge it.
+
+Double-stream blocks: as SD3's joint blocks. Image stream: norm1 -> plan -> [merge] -> joint attention
+with the text tokens -> [unmerge + blend + gate + residual]; [norm2 + modulation + merge] -> ff ->
+[unmerge + blend + gate + residual]; the text stream is diffusers' own. Sub-layers "attn" and "mlp".
+
+Single-stream blocks: text and image tokens in one sequence; attention and the MLP branch read the same
+normalised input and share one output projection. Only the image part merges: the sequence becomes
+[text, merged image], attention and the MLP branch run on it, and the projection's image rows are
+unmerged. The whole block is one sub-layer, "parallel", of the attention kind: it merges in the structure
+phase and runs on every token in the detail phase. Why not merge its MLP branch alone in the detail
+phase: the detail phase keeps attention on every token, so the MLP branch would need its own unmerge and
+its own cache of the branch's projected output; a protected step computes the projection fused (as the
+unpatched model, bit for bit) and would need an extra C x 4C product per token (about a quarter of the
+block's work) to fill that cache. Detail steps merge the MLP of the double-stream blocks only.
+
+Blocks that do not merge at a step run the original forward untouched; protected steps follow diffusers
+0.42's forwards operation for operation (bit for bit) and store the caches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from .. import engine, norms
+from ..schedule import BlockMode
+from ..state import BlockLink
+from .base import CallInfo, ModelAdapter, argument
+
+FLUX_TIMESTEP_SCALE = 1000.0
+
+
+# --------------------------------------------------------------------------------------- rotary positions
+def merged_rotary(
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor], plan, text_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables of a merged sequence [text, merged image]: (cos, sin), each [B, T + M, D].
+
+    image_rotary_emb: (cos, sin) [T + N, D] of the unmerged sequence; each merged row m of sample b takes
+    the row of its first member (the group's destination, or the unmerged token itself)."""
+    cos, sin = image_rotary_emb
+    batch = plan.slot.shape[0]
+    if cos.dim() != 2 or cos.shape[0] != text_tokens + plan.slot.shape[1]:
+        raise ValueError(
+            f"SDTM expects Flux rotary tables of shape [text + image tokens, D] = [{text_tokens} + "
+            f"{plan.slot.shape[1]}, D], got {tuple(cos.shape)}."
+        )
+    anchor = plan.members.gather(1, plan.offsets[:, :-1])  # [B, M] token index of each merged row
+
+    def table(rows: torch.Tensor) -> torch.Tensor:
+        text = rows[:text_tokens].expand(batch, -1, -1)
+        image = rows[text_tokens:][anchor]  # [B, M, D]
+        return torch.cat([text, image], dim=1)
+
+    return table(cos), table(sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, S, H, D] with per-sample tables [B, S, D] (pairs of adjacent
+    channels, as diffusers' ``apply_rotary_emb(..., use_real_unbind_dim=-1)``)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def merged_attention(
+    attn: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+):
+    """Diffusers' ``FluxAttnProcessor`` on merged image tokens, with per-sample rotary tables.
+
+    hidden_states [B, M, C] (double stream: image tokens; single stream: [B, T + M, C], text first);
+    encoder_hidden_states [B, T, C] or None; rotary (cos, sin) [B, T + M, D]. Returns what the processor
+    returns: (image output [B, M, C], text output [B, T, C]) with text, else the sequence's output."""
+    processor = attn.processor
+    if type(processor).__name__ != "FluxAttnProcessor":
+        raise ValueError(
+            f"SDTM merges Flux attention computed by diffusers' FluxAttnProcessor; this block's attention uses "
+            f"{type(processor).__name__}. Restore the default processor or remove SDTM."
+        )
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        if getattr(attn, "fused_projections", False):
+            e_query, e_key, e_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            e_query = attn.add_q_proj(encoder_hidden_states)
+            e_key = attn.add_k_proj(encoder_hidden_states)
+            e_value = attn.add_v_proj(encoder_hidden_states)
+        e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
+        e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
+        e_value = e_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([e_query, query], dim=1)
+        key = torch.cat([e_key, key], dim=1)
+        value = torch.cat([e_value, value], dim=1)
+
+    cos, sin = rotary
+    query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+    out = dispatch_attention_fn(
+        query, key, value, attn_mask=None,
+        backend=processor._attention_backend, parallel_config=processor._parallel_config,
+    )
+    out = out.flatten(2, 3).to(query.dtype)
+    if encoder_hidden_states is None:
+        return out
+    text_tokens = encoder_hidden_states.shape[1]
+    text, image = out.split_with_sizes([text_tokens, out.shape[1] - text_tokens], dim=1)
+    image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+    return image, attn.to_add_out(text.contiguous())
+
+
+def _check_attention_kwargs(joint_attention_kwargs: dict) -> None:
+    unsupported = sorted(k for k in joint_attention_kwargs if k != "image_rotary_emb")
+    if unsupported:
+        raise ValueError(
+            f"SDTM cannot merge Flux attention called with joint_attention_kwargs {unsupported}; call without "
+            "them or remove SDTM."
+        )
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+# --------------------------------------------------------------------------------------- double stream
+def flux_block_forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of a patched ``FluxTransformerBlock``; same signature and outputs as diffusers'."""
+    link: BlockLink = self._sdtm
+    action = engine.begin_block(link, hidden_states)
+    if action.mode is BlockMode.UNCHANGED:
+        return self._sdtm_original_forward(
+            self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
+        )
+    joint_attention_kwargs = joint_attention_kwargs or {}
+    ops = link.state.ops
+    fused_norms = action.mode is BlockMode.MERGED and norms.fusable(self)
+    if fused_norms:
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = norms.norm1(self, hidden_states, temb, ops)
+    else:
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+    norm_encoder_hidden_states, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
+        encoder_hidden_states, emb=temb
+    )
+
+    plan = engine.compute_plan(link, norm_hidden_states, ops) if action.mode is BlockMode.MERGED else None
+    attn_plan = plan if action.merge_attn else None
+    mlp_plan = plan if action.merge_mlp else None
+
+    # Attention.
+    if attn_plan is None:
+        attention_outputs = self.attn(
+            hidden_states=norm_hidden_states,
+            encoder_hidden_states=norm_encoder_hidden_states,
+            image_rotary_emb=image_rotary_emb,
+            **joint_attention_kwargs,
+        )
+    else:
+        _check_attention_kwargs(joint_attention_kwargs)
+        attention_outputs = merged_attention(
+            self.attn,
+            engine.merge_tokens(norm_hidden_states, attn_plan, link, ops),
+            norm_encoder_hidden_states,
+            merged_rotary(image_rotary_emb, attn_plan, encoder_hidden_states.shape[1]),
+        )
+    attn_output, context_attn_output = attention_outputs[0], attention_outputs[1]
+    spare = norm_hidden_states if fused_norms and attn_plan is not None else None
+    hidden_states = engine.finish_sublayer(
+        link, "attn", hidden_states, attn_output, gate_msa, attn_plan, ops, residual_is_ours=False, spare=spare
+    )
+
+    if fused_norms:
+        ff_input = norms.norm2_merged(
+            self, hidden_states, shift_mlp, scale_mlp, mlp_plan, link.state.config.pseudo_merge, ops
+        )
+    else:
+        norm_hidden_states = self.norm2(hidden_states)
+        norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        ff_input = engine.merge_tokens(norm_hidden_states, mlp_plan, link, ops)
+    ff_output = self.ff(ff_input)
+    hidden_states = engine.finish_sublayer(
+        link, "mlp", hidden_states, ff_output, gate_mlp, mlp_plan, ops, residual_is_ours=True
+    )
+    if len(attention_outputs) == 3:  # IP-Adapter's output, only when attention ran unmerged
+        hidden_states = hidden_states + attention_outputs[2]
+
+    # Text stream: diffusers' own.
+    context_attn_output = c_gate_msa.unsqueeze(1) * context_attn_output
+    encoder_hidden_states = encoder_hidden_states + context_attn_output
+    norm_encoder_hidden_states = self.norm2_context(encoder_hidden_states)
+    norm_encoder_hidden_states = norm_encoder_hidden_states * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    context_ff_output = self.ff_context(norm_encoder_hidden_states)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
+    return _clip_fp16(encoder_hidden_states), hidden_states
+
+
+# --------------------------------------------------------------------------------------- single stream
+def flux_single_block_forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    temb: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of a patched ``FluxSingleTransformerBlock``; same signature and outputs as diffusers'."""
+    link: BlockLink = self._sdtm
+    action = engine.begin_block(link, hidden_states)
+    if action.mode is BlockMode.UNCHANGED:  # detail steps too: nothing of this block merges there
+        return self._sdtm_original_forward(
+            self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
+        )
+    joint_attention_kwargs = joint_attention_kwargs or {}
+    text_tokens = encoder_hidden_states.shape[1]
+
+    if action.mode is BlockMode.PROTECTED:  # diffusers' forward, plus the cache of the image rows
+        residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        norm_hidden_states, gate = self.norm(residual, emb=temb)
+        mlp_hidden_states = self.act_mlp(self.proj_mlp(norm_hidden_states))
+        attn_output = self.attn(
+            hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb, **joint_attention_kwargs
+        )
+        out = gate.unsqueeze(1) * self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))
+        cache_out = link.cache_out.get("parallel")
+        if cache_out is not None:
+            cache_out.copy_(out[:, text_tokens:].detach())
+        out = _clip_fp16(residual + out)
+        return out[:, :text_tokens], out[:, text_tokens:]
+
+    # Structure phase: [text, merged image] through attention and the MLP branch.
+    _check_attention_kwargs(joint_attention_kwargs)
+    ops = link.state.ops
+    norm = self.norm
+    shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    if norms.plain_layer_norm(norm.norm):
+        norm_image = ops.norm_modulate(hidden_states, shift, scale, norm.norm.eps)
+    else:
+        norm_image = norm.norm(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+    norm_text = norm.norm(encoder_hidden_states) * (1 + scale[:, None]) + shift[:, None]
+    plan = engine.compute_plan(link, norm_image, ops)
+    sequence = torch.cat([norm_text, engine.merge_tokens(norm_image, plan, link, ops)], dim=1)
+    mlp_hidden_states = self.act_mlp(self.proj_mlp(sequence))
+    attn_output = merged_attention(self.attn, sequence, None, merged_rotary(image_rotary_emb, plan, text_tokens))
+    projected = self.proj_out(torch.cat([attn_output, mlp_hidden_states], dim=2))  # [B, T + M, C]
+    text = _clip_fp16(encoder_hidden_states + gate.unsqueeze(1) * projected[:, :text_tokens])
+    image = engine.finish_sublayer(
+        link, "parallel", hidden_states, projected[:, text_tokens:].contiguous(), gate, plan, ops,
+        residual_is_ours=False, spare=norm_image,
+    )
+    return text, _clip_fp16(image)
+
+
+# --------------------------------------------------------------------------------------- the adapter
+class FluxAdapter(ModelAdapter):
+    """Flux.1 (dev, schnell and fine-tunes with the same blocks): packed 2x2 latent tokens placed by
+    ``img_ids``, the timestep in thousandths of the scheduler's units, batches without cond/uncond pairs
+    (guidance-distilled; true CFG calls the transformer twice)."""
+
+    name = "flux"
+    transformer_class = "FluxTransformer2DModel"
+    block_forwards = {
+        "FluxTransformerBlock": flux_block_forward,
+        "FluxSingleTransformerBlock": flux_single_block_forward,
+    }
+    cfg_pairs = False
+    structure_share = 0.4  # unvalidated on real weights (README)
+
+    def sublayers(self, block: torch.nn.Module) -> dict[str, str]:
+        if _is(block, "FluxSingleTransformerBlock"):
+            return {"parallel": "attn"}
+        return {"attn": "attn", "mlp": "mlp"}
+
+    def call_info(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> CallInfo:
+        hidden_states = argument(args, kwargs, "hidden_states", 0)
+        timestep = argument(args, kwargs, "timestep", 3)
+        img_ids = argument(args, kwargs, "img_ids", 4)
+        if timestep is None:
+            raise ValueError("SDTM needs the transformer's timestep argument to know the denoising step.")
+        if img_ids is None:
+            raise ValueError("SDTM needs Flux's img_ids argument to know the image-token grid.")
+        height, width = image_grid(transformer, img_ids, hidden_states.shape[1])
+        return CallInfo(timestep, height, width, hidden_states.shape[0], hidden_states.device,
+                        timestep_scale=FLUX_TIMESTEP_SCALE)
+
+
+def _is(module: torch.nn.Module, class_name: str) -> bool:
+    return any(c.__name__ == class_name for c in type(module).__mro__)
+
+
+def image_grid(transformer: torch.nn.Module, img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
+    """(rows, columns) of the token grid ``img_ids`` [N, 3] (or [B, N, 3]) describes; a ValueError unless
+    token n sits at (0, n // columns, n % columns). Read once per ids tensor (a device read), remembered
+    on the transformer while that tensor is unchanged."""
+    key = (img_ids.data_ptr(), tuple(img_ids.shape), img_ids.device, img_ids._version, num_tokens)
+    memo = transformer.__dict__.setdefault("_sdtm_grid_memo", {})
+    if key in memo:
+        return memo[key]
+    ids = img_ids.detach()
+    if ids.dim() == 3:
+        ids = ids[0]
+    if ids.dim() != 2 or ids.shape[-1] != 3 or ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"SDTM expects Flux img_ids of shape [{num_tokens}, 3] (one row per image token), got "
+            f"{tuple(img_ids.shape)}."
+        )
+    ids = ids.to(device="cpu", dtype=torch.float64)
+    width = int(ids[:, 2].max().item()) + 1 if num_tokens else 0
+    height = num_tokens // width if width else 0
+    n = torch.arange(num_tokens, dtype=torch.float64)
+    expected = torch.stack([torch.zeros_like(n), torch.div(n, width, rounding_mode="floor"), n % width], dim=1)
+    if height * width != num_tokens or not torch.equal(ids, expected):
+        raise ValueError(
+            "SDTM needs Flux img_ids that place the image tokens row by row on one grid (token n at "
+            "(0, n // width, n % width), as FluxPipeline makes them); these do not (e.g. reference-image "
+            "tokens appended, as Flux Kontext does)."
+        )
+    memo.clear()
+    memo[key] = (height, width)
+    return height, width
