@@ -6,8 +6,9 @@ with the attention in the structure phase); the schedule (sdtm.schedule) then sa
 each side sees at each step. The plan's own matmul (IDM's source x destination cosine similarities) is
 counted too; SSM's window scores are elementwise work of O(W K^2 C) and are not.
 
-Two model families, each described by a ``_Family`` entry (its diffusers class, its config keys, how to
-build meta inputs for the model and for one block):
+Three model families, each described by a ``_Family`` entry (its diffusers class, its config keys, how
+to build meta inputs for the model and for one block). The blocks, their order, the kinds of their
+sub-layers and the default switch step are the ones SDTM's model adapter (sdtm.models) uses at run time:
 
 - SD3 / SD3.5 (``SD3Transformer2DModel``): joint blocks; the attention side holds the joint attention
   (SD3.5's second attention too) and the whole text stream, which never merges.
@@ -15,6 +16,16 @@ build meta inputs for the model and for one block):
   ``norm_type="ada_norm_single"`` that older PixArt folders name): the attention side holds the
   self-attention and the cross-attention (image queries and outputs, and the text keys and values, which
   do not depend on the image token count).
+- Flux.1 (``FluxTransformer2DModel``): FluxPipeline packs 2x2 latent pixels into one token, so the token
+  grid is the latent's halved (the config's patch_size of 1 notwithstanding). The double-stream blocks
+  (FLUX.1: 19) are counted like SD3's joint blocks (the image feed-forward ``ff`` merges in both phases,
+  everything else is the attention side); then come the single-stream blocks (FLUX.1: 38), whose whole
+  work is of the attention kind: they run on text + merged image tokens in the structure phase and
+  unmerged in the detail phase, where they compute no plan. SDTM's layer index runs over both kinds,
+  double-stream first.
+
+``switch_step=None`` takes the family's default for the step count (``ModelAdapter.resolve_config``): 20
+for SD3, the first 40% of the steps for PixArt and Flux.
 """
 
 from __future__ import annotations
@@ -30,15 +41,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import SDTMConfig
-from .schedule import BlockAction, BlockMode, Phase, block_action, merged_tokens
+from .schedule import BlockAction, BlockMode, Phase, action_for_sublayers, block_action, merged_tokens
 
 TEXT_TOKENS = 333  # SD3: 77 CLIP + 256 T5 tokens
 PIXART_SIGMA_TEXT_TOKENS = 300  # PixArt-Sigma's T5 sequence length
 PIXART_ALPHA_TEXT_TOKENS = 120  # PixArt-alpha's T5 sequence length
+FLUX_DEV_TEXT_TOKENS = 512  # FluxPipeline's max_sequence_length for FLUX.1-dev
+FLUX_SCHNELL_TEXT_TOKENS = 256  # and for FLUX.1-schnell
+FLUX_PACKING = 2  # FluxPipeline packs 2x2 latent pixels into one token
 VAE_SCALE = 8
 
 SD3_CLASS = "SD3Transformer2DModel"
 PIXART_CLASS = "PixArtTransformer2DModel"
+FLUX_CLASS = "FluxTransformer2DModel"
 
 _SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
                    joint_attention_dim=4096, pooled_projection_dim=2048)
@@ -48,6 +63,11 @@ _PIXART_COMMON = dict(_class_name=PIXART_CLASS, sample_size=128, patch_size=2, i
                       caption_channels=4096, activation_fn="gelu-approximate", attention_bias=True,
                       norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
                       norm_eps=1e-6)
+# FLUX.1 at any size: 19 double-stream and 38 single-stream blocks of width 24 x 128 = 3072, 64 channels a
+# packed token (16 latent channels x 2 x 2), T5-XXL (4096) and CLIP pooled (768) text.
+_FLUX_COMMON = dict(_class_name=FLUX_CLASS, patch_size=1, in_channels=64, out_channels=None, num_layers=19,
+                    num_single_layers=38, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                    pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
 PRESETS: dict[str, dict] = {
     "sd3-medium": dict(_SD3_COMMON, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
                        pos_embed_max_size=192),
@@ -59,6 +79,10 @@ PRESETS: dict[str, dict] = {
     "pixart-sigma": dict(_PIXART_COMMON, interpolation_scale=2, use_additional_conditions=False),
     # PixArt-XL-2-1024-MS (alpha): resolution and aspect-ratio conditioning, 120 text tokens.
     "pixart-alpha": dict(_PIXART_COMMON, interpolation_scale=2, use_additional_conditions=True),
+    # FLUX.1-dev: guidance-distilled (a guidance embedding), 512 text tokens.
+    "flux-dev": dict(_FLUX_COMMON, guidance_embeds=True),
+    # FLUX.1-schnell: timestep-distilled, no guidance embedding, 256 text tokens.
+    "flux-schnell": dict(_FLUX_COMMON, guidance_embeds=False),
 }
 
 
@@ -76,14 +100,15 @@ def _sd3_check_widths(config: dict, path: str) -> None:
                          f"attention_head_dim ({heads} x {head_dim} = {heads * head_dim}), the blocks' width.")
 
 
-def _sd3_model_inputs(model, batch: int, latent_h: int, latent_w: int, text_tokens: int) -> dict:
+def _sd3_model_inputs(model, batch: int, grid_h: int, grid_w: int, text_tokens: int) -> dict:
     c = model.config
+    latent_h, latent_w = grid_h * c.patch_size, grid_w * c.patch_size
     return dict(hidden_states=_meta(batch, c.in_channels, latent_h, latent_w), timestep=_meta(batch),
                 encoder_hidden_states=_meta(batch, text_tokens, c.joint_attention_dim),
                 pooled_projections=_meta(batch, c.pooled_projection_dim))
 
 
-def _sd3_block_inputs(model, batch: int, tokens: int, text_tokens: int) -> dict:
+def _sd3_block_inputs(model, block, batch: int, tokens: int, text_tokens: int) -> dict:
     c = model.inner_dim
     return dict(hidden_states=_meta(batch, tokens, c), encoder_hidden_states=_meta(batch, text_tokens, c),
                 temb=_meta(batch, c))
@@ -124,8 +149,9 @@ def _pixart_text_width(model) -> int:
     return model.config.cross_attention_dim or model.inner_dim
 
 
-def _pixart_model_inputs(model, batch: int, latent_h: int, latent_w: int, text_tokens: int) -> dict:
+def _pixart_model_inputs(model, batch: int, grid_h: int, grid_w: int, text_tokens: int) -> dict:
     c = model.config
+    latent_h, latent_w = grid_h * c.patch_size, grid_w * c.patch_size
     caption = c.caption_channels if model.caption_projection is not None else _pixart_text_width(model)
     conditions = {"resolution": None, "aspect_ratio": None}
     if model.use_additional_conditions:
@@ -134,11 +160,47 @@ def _pixart_model_inputs(model, batch: int, latent_h: int, latent_w: int, text_t
                 encoder_hidden_states=_meta(batch, text_tokens, caption), added_cond_kwargs=conditions)
 
 
-def _pixart_block_inputs(model, batch: int, tokens: int, text_tokens: int) -> dict:
+def _pixart_block_inputs(model, block, batch: int, tokens: int, text_tokens: int) -> dict:
     c = model.inner_dim
     return dict(hidden_states=_meta(batch, tokens, c),
                 encoder_hidden_states=_meta(batch, text_tokens, _pixart_text_width(model)),
                 timestep=_meta(batch, 6 * c))  # adaln_single's output: six modulations per block
+
+
+# --- Flux ------------------------------------------------------------------------------------------------
+
+def _flux_check_widths(config: dict, path: str) -> None:
+    head_dim = config.get("attention_head_dim", 128)
+    axes = config.get("axes_dims_rope", (16, 56, 56))
+    if len(axes) != 3 or sum(axes) != head_dim:
+        raise ValueError(f"{path}: axes_dims_rope ({list(axes)}) must be three rotary widths, one per position "
+                         f"id column, summing to attention_head_dim ({head_dim}).")
+
+
+def _flux_text_tokens(config: dict) -> int:
+    """FLUX.1-dev's 512 T5 tokens for a model with a guidance embedding, FLUX.1-schnell's 256 otherwise."""
+    return FLUX_DEV_TEXT_TOKENS if config.get("guidance_embeds", False) else FLUX_SCHNELL_TEXT_TOKENS
+
+
+def _flux_model_inputs(model, batch: int, grid_h: int, grid_w: int, text_tokens: int) -> dict:
+    c = model.config
+    n = grid_h * grid_w
+    inputs = dict(hidden_states=_meta(batch, n, c.in_channels), timestep=_meta(batch),
+                  encoder_hidden_states=_meta(batch, text_tokens, c.joint_attention_dim),
+                  pooled_projections=_meta(batch, c.pooled_projection_dim),
+                  img_ids=_meta(n, 3), txt_ids=_meta(text_tokens, 3))
+    if c.guidance_embeds:
+        inputs["guidance"] = _meta(batch)
+    return inputs
+
+
+def _flux_block_inputs(model, block, batch: int, tokens: int, text_tokens: int) -> dict:
+    """Either block kind takes the image and text streams apart; a single-stream block joins them into
+    one sequence of text + image tokens. The rotary tables cover text and image rows."""
+    c, head_dim = model.inner_dim, model.config.attention_head_dim
+    rotary = (_meta(text_tokens + tokens, head_dim), _meta(text_tokens + tokens, head_dim))
+    return dict(hidden_states=_meta(batch, tokens, c), encoder_hidden_states=_meta(batch, text_tokens, c),
+                temb=_meta(batch, c), image_rotary_emb=rotary)
 
 
 @dataclass(frozen=True)
@@ -150,6 +212,8 @@ class _Family:
         dropped); ints must be positive, nullable ones may also be null.
     max_grid: the positional table's side (tokens) when the config names no ``pos_embed_max_size``
         (None: any grid, the sin-cos table is computed for each input size).
+    token_side: latent pixels a token spans on each side, from the config (patch_size; Flux: the
+        pipeline's 2x2 packing); ``token_side_name`` says which, in error messages.
     """
 
     class_name: str
@@ -159,10 +223,12 @@ class _Family:
     max_grid: int | None
     check_widths: Callable[[dict, str], None]
     text_tokens: Callable[[dict], int]
-    model_inputs: Callable[..., dict]  # (model, batch, latent_h, latent_w, text_tokens) -> forward kwargs
-    block_inputs: Callable[..., dict]  # (model, batch, image tokens, text_tokens) -> block kwargs
+    model_inputs: Callable[..., dict]  # (model, batch, grid_h, grid_w, text_tokens) -> forward kwargs
+    block_inputs: Callable[..., dict]  # (model, block, batch, image tokens, text_tokens) -> block kwargs
     block_shape: Callable[[torch.nn.Module], tuple]  # blocks of one shape cost the same
     feed_forward: str = "ff"  # the block's feed-forward submodule
+    token_side: Callable[[dict], int] = lambda config: config.get("patch_size", 2)
+    token_side_name: str = "patch"
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -201,26 +267,53 @@ _PIXART = _Family(
     block_inputs=_pixart_block_inputs,
     block_shape=lambda block: (block.attn2 is None, block.only_cross_attention),
 )
-_FAMILIES = {family.class_name: family for family in (_SD3, _PIXART)}
+_FLUX = _Family(
+    class_name=FLUX_CLASS,
+    int_keys=("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+              "num_attention_heads", "joint_attention_dim", "pooled_projection_dim"),
+    nullable_int_keys=("out_channels",),  # null: out_channels follows in_channels
+    other_keys=("guidance_embeds", "axes_dims_rope"),
+    max_grid=None,  # rotary positions from the ids: any grid
+    check_widths=_flux_check_widths,
+    text_tokens=_flux_text_tokens,
+    model_inputs=_flux_model_inputs,
+    block_inputs=_flux_block_inputs,
+    block_shape=lambda block: (type(block).__name__,),  # double- or single-stream
+    token_side=lambda config: FLUX_PACKING,
+    token_side_name="packing",
+)
+_FAMILIES = {family.class_name: family for family in (_SD3, _PIXART, _FLUX)}
+_CLASS_LIST = f"{SD3_CLASS}, {PIXART_CLASS} or {FLUX_CLASS}"
+
+
+def _adapter(family: _Family):
+    """SDTM's model adapter of ``family`` (its blocks, sub-layer kinds and default switch step)."""
+    from .models import ADAPTERS
+
+    return next(adapter for adapter in ADAPTERS if adapter.transformer_class == family.class_name)
 
 
 def family_of(config: dict) -> _Family:
-    """The family of a transformer config: its ``_class_name``; without one, PixArt for a config with
-    PixArt's keys (``norm_type``, ``caption_channels``, ``cross_attention_dim``), SD3 otherwise."""
+    """The family of a transformer config: its ``_class_name``; without one, Flux for a config with Flux's
+    keys (``num_single_layers``, ``axes_dims_rope``, ``guidance_embeds``), PixArt for one with PixArt's
+    (``norm_type``, ``caption_channels``, ``cross_attention_dim``), SD3 otherwise."""
     name = config.get("_class_name")
     if name in _FAMILIES:
         return _FAMILIES[name]
     if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
         return _PIXART
     if name is None:
+        if any(k in config for k in ("num_single_layers", "axes_dims_rope", "guidance_embeds")):
+            return _FLUX
         pixart_keys = ("norm_type", "caption_channels", "cross_attention_dim")
         return _PIXART if any(k in config for k in pixart_keys) else _SD3
-    raise ValueError(f"a {name!r} config is neither an {SD3_CLASS} nor a {PIXART_CLASS} one.")
+    raise ValueError(f"a {name!r} config is not an {_CLASS_LIST} one.")
 
 
 def default_text_tokens(config: dict) -> int:
     """Text tokens per prompt when none are given: SD3's 333; PixArt-alpha's 120 for a PixArt model
-    conditioned on resolution and aspect ratio (alpha at 1024 pixels), PixArt-Sigma's 300 otherwise."""
+    conditioned on resolution and aspect ratio (alpha at 1024 pixels), PixArt-Sigma's 300 otherwise;
+    FLUX.1-dev's 512 for a Flux model with a guidance embedding, FLUX.1-schnell's 256 otherwise."""
     return family_of(config).text_tokens(config)
 
 
@@ -267,6 +360,12 @@ def _check_key(family: _Family, path: str, key: str, value) -> None:
         raise ValueError(f"{path}: interpolation_scale must be a positive number or null, got {value!r}.")
     elif key == "use_additional_conditions" and value is not None and not isinstance(value, bool):
         raise ValueError(f"{path}: {key} must be true, false or null, got {value!r}.")
+    elif key == "guidance_embeds" and not isinstance(value, bool):
+        raise ValueError(f"{path}: guidance_embeds must be true or false, got {value!r}.")
+    elif key == "axes_dims_rope" and (not isinstance(value, (list, tuple)) or not value
+                                      or not all(_is_int(v) and v > 0 and v % 2 == 0 for v in value)):
+        raise ValueError(f"{path}: axes_dims_rope must be a list of positive even ints (rotary widths), "
+                         f"got {value!r}.")
     elif key == "activation_fn" and value not in _ACTIVATIONS:
         raise ValueError(f"{path}: activation_fn must be one of {', '.join(_ACTIVATIONS)} (diffusers' feed-forward "
                          f"activations), got {value!r}.")
@@ -278,8 +377,8 @@ def validate_config(raw: dict, path: str) -> dict:
     try:
         family = family_of(raw)
     except ValueError:
-        raise ValueError(f"{path} is a {raw['_class_name']!r} config, not an {SD3_CLASS} or {PIXART_CLASS} one; "
-                         "pass the transformer's config.json or a diffusers SD3 or PixArt folder.") from None
+        raise ValueError(f"{path} is a {raw['_class_name']!r} config, not an {_CLASS_LIST} one; pass the "
+                         "transformer's config.json or a diffusers SD3, PixArt or Flux folder.") from None
     if "num_layers" not in raw:
         raise ValueError(f"{path} has no num_layers; is it a {family.class_name} config.json?")
     config = {k: v for k, v in raw.items() if k in family.keys}
@@ -330,8 +429,7 @@ def load_config(name_or_path: str) -> dict:
     config = validate_config(_read_json_object(path), path)
     try:
         meta = _MetaModel(config, batch=1, text_tokens=1)
-        patch = meta.model.config.patch_size
-        meta.forward(patch, patch)
+        meta.forward(1, 1)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     except RuntimeError as error:
@@ -342,8 +440,8 @@ def load_config(name_or_path: str) -> dict:
 
 def load_vae_scale(name_or_path: str) -> int:
     """The latent down-sampling factor for ``--config name_or_path``: ``2 ** (len(block_out_channels) - 1)``
-    of a diffusers folder's vae/config.json; 8 (SD3's and PixArt's) for presets and bare transformer config
-    files."""
+    of a diffusers folder's vae/config.json; 8 (SD3's, PixArt's and Flux's) for presets and bare transformer
+    config files."""
     if name_or_path in PRESETS or not os.path.isdir(name_or_path):
         return VAE_SCALE
     if not os.path.isfile(os.path.join(name_or_path, "transformer", "config.json")):
@@ -389,6 +487,7 @@ class MacReport:
     vae_scale: int = VAE_SCALE
     text_tokens: int = TEXT_TOKENS
     model: str = SD3_CLASS
+    switch_step: int | None = None  # the last structure-phase step the count used (the family's by default)
 
     @property
     def mac_ratio(self) -> float:
@@ -401,26 +500,35 @@ class MacReport:
 
 
 class _MetaModel:
-    """A meta-device transformer whose blocks are counted once per image token count."""
+    """A meta-device transformer whose blocks are counted once per image token count.
+
+    ``blocks`` are the blocks SDTM patches, in the order the transformer calls them (the order of SDTM's
+    layer index); ``kinds`` the kinds of each block's sub-layers ("attn", "mlp")."""
 
     def __init__(self, config: dict, batch: int, text_tokens: int):
         self.family = family_of(config)
         self.model = build_meta_transformer(config)
-        self.blocks = list(self.model.transformer_blocks)
+        adapter = _adapter(self.family)
+        self.blocks = adapter.blocks(self.model)
+        self.kinds = [frozenset(adapter.sublayers(block).values()) for block in self.blocks]
         self.batch, self.text_tokens = batch, text_tokens
         self.channels = self.model.inner_dim
 
-    def forward(self, latent_h: int, latent_w: int) -> FlopCounterMode:
-        """The FLOP counter of one forward on a ``latent_h`` x ``latent_w`` latent."""
-        inputs = self.family.model_inputs(self.model, self.batch, latent_h, latent_w, self.text_tokens)
+    def forward(self, grid_h: int, grid_w: int) -> FlopCounterMode:
+        """The FLOP counter of one forward on a ``grid_h`` x ``grid_w`` grid of image tokens."""
+        inputs = self.family.model_inputs(self.model, self.batch, grid_h, grid_w, self.text_tokens)
         with FlopCounterMode(display=False) as counter:
             self.model(**inputs)
         return counter
 
-    def outside_blocks(self, latent_h: int, latent_w: int) -> int:
-        """MACs of one forward outside the transformer blocks (embeddings, output projection)."""
-        counter = self.forward(latent_h, latent_w)
-        names = tuple(f"transformer_blocks.{i}" for i in range(len(self.blocks)))
+    def outside_blocks(self, grid_h: int, grid_w: int) -> int:
+        """MACs of one forward outside the blocks (embeddings, output projection)."""
+        counter = self.forward(grid_h, grid_w)
+        ids = {id(block) for block in self.blocks}
+        # Counter keys are module paths under the model's class name, e.g.
+        # "FluxTransformer2DModel.single_transformer_blocks.3"; the leading dot keeps
+        # "transformer_blocks.3" from matching "single_transformer_blocks.3".
+        names = tuple("." + name for name, module in self.model.named_modules() if id(module) in ids)
         blocks = sum(sum(v.values()) for k, v in counter.get_flop_counts().items() if k.endswith(names))
         return (counter.get_total_flops() - blocks) // 2
 
@@ -434,7 +542,7 @@ class _MetaModel:
 
     @functools.lru_cache(maxsize=None)
     def _count(self, layer: int, tokens: int) -> tuple[int, int]:
-        inputs = self.family.block_inputs(self.model, self.batch, tokens, self.text_tokens)
+        inputs = self.family.block_inputs(self.model, self.blocks[layer], self.batch, tokens, self.text_tokens)
         with FlopCounterMode(display=False) as counter:
             self.blocks[layer](**inputs)
         name = self.family.feed_forward
@@ -446,12 +554,13 @@ class _MetaModel:
 def _token_grid(config: dict, height: int, width: int, vae_scale: int) -> tuple[int, int]:
     """The image token grid (rows, columns) of ``height`` x ``width`` pixels; ValueError when the size does
     not divide into tokens or the grid exceeds the model's positional table."""
-    patch = config.get("patch_size", 2)
+    family = family_of(config)
+    patch = family.token_side(config)
     if height % (vae_scale * patch) or width % (vae_scale * patch):
         raise ValueError(f"height and width must be multiples of {vae_scale * patch} (VAE factor {vae_scale} x "
-                         f"patch {patch}), got {height}x{width}.")
+                         f"{family.token_side_name} {patch}), got {height}x{width}.")
     grid_h, grid_w = height // (vae_scale * patch), width // (vae_scale * patch)
-    max_grid = config.get("pos_embed_max_size", family_of(config).max_grid)
+    max_grid = config.get("pos_embed_max_size", family.max_grid)
     if max_grid is not None and max(grid_h, grid_w) > max_grid:
         raise ValueError(f"{height}x{width} needs a {grid_h}x{grid_w} token grid, larger than the model's "
                          f"positional table ({max_grid}); use at most {max_grid * vae_scale * patch} pixels a side.")
@@ -462,19 +571,20 @@ def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int 
                   sdtm: SDTMConfig | None = None, text_tokens: int | None = None,
                   vae_scale: int = VAE_SCALE) -> MacReport:
     """MACs of ``steps`` transformer calls at ``height`` x ``width`` pixels (latents ``vae_scale`` times
-    smaller), without and with ``sdtm`` (default: SDTMConfig()); ``text_tokens`` None: the family's
-    default (``default_text_tokens``)."""
+    smaller), without and with ``sdtm`` (default: SDTMConfig with the family's default switch step);
+    a ``switch_step`` of None is the family's default for ``steps`` steps (20 for SD3, the first 40% of
+    the steps for PixArt and Flux); ``text_tokens`` None: the family's default (``default_text_tokens``)."""
     family = family_of(config)
     if text_tokens is None:
         text_tokens = family.text_tokens(config)
     if min(height, width, steps, batch, text_tokens, vae_scale) <= 0:
         raise ValueError("height, width, steps, batch, text_tokens and vae_scale must be positive.")
-    sdtm = sdtm or SDTMConfig()
+    sdtm = _adapter(family).resolve_config(sdtm if sdtm is not None else SDTMConfig(switch_step=None), steps)
     grid = _token_grid(config, height, width, vae_scale)
     meta = _MetaModel(config, batch, text_tokens)
     report = MacReport(config=config, height=height, width=width, grid=grid, steps=steps, batch=batch,
                        baseline_macs=0, sdtm_macs=0, plan_macs=0, vae_scale=vae_scale, text_tokens=text_tokens,
-                       model=family.class_name)
+                       model=family.class_name, switch_step=sdtm.switch_step)
     try:
         _count_schedule(meta, report, sdtm)
     except RuntimeError as error:  # e.g. a meta tensor too large for int64 sizes
@@ -484,9 +594,10 @@ def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int 
 
 
 def _tokens_and_plan(action: BlockAction, n: int, k: int, windows: int, batch_channels: int) -> tuple[int, int, int]:
-    """(attention tokens, feed-forward tokens, plan matmul MACs) of one block call under ``action`` on
-    ``n`` image tokens in ``windows`` windows of ``k`` tokens (``batch_channels``: batch x width). IDM's
-    plan compares the ``windows * (k - 1)`` sources with the ``windows`` destinations."""
+    """(attention tokens, feed-forward tokens, plan matmul MACs) of one block call under ``action`` (the
+    block's own, after ``action_for_sublayers``) on ``n`` image tokens in ``windows`` windows of ``k``
+    tokens (``batch_channels``: batch x width). IDM's plan compares the ``windows * (k - 1)`` sources with
+    the ``windows`` destinations; it is computed only by blocks that merge in the detail phase."""
     merged = merged_tokens(action, n, k, windows)
     plan = 0
     if action.mode is BlockMode.MERGED and action.phase is Phase.DETAIL:
@@ -500,15 +611,15 @@ def _count_schedule(meta: _MetaModel, report: MacReport, sdtm: SDTMConfig) -> No
     n, layers = grid_h * grid_w, len(meta.blocks)
     k = sdtm.sx * sdtm.sy
     windows = (grid_h // sdtm.sy) * (grid_w // sdtm.sx)
-    patch = meta.model.config.patch_size
-    outside = meta.outside_blocks(grid_h * patch, grid_w * patch)
+    outside = meta.outside_blocks(grid_h, grid_w)
     full = sum(sum(meta.block(layer, n)) for layer in range(layers)) + outside
     report.baseline_macs = full * steps
     phases: dict = defaultdict(lambda: {"block_calls": 0, "macs": 0})
     for step in range(steps):
         step_macs, attn_sum, mlp_sum, modes = outside, 0, 0, set()
         for layer in range(layers):
-            action = block_action(sdtm, step, steps, layer, layers, n, windows)
+            action = action_for_sublayers(block_action(sdtm, step, steps, layer, layers, n, windows),
+                                          meta.kinds[layer])
             attn_tokens, mlp_tokens, plan = _tokens_and_plan(action, n, k, windows, batch * meta.channels)
             macs = meta.block(layer, attn_tokens)[0] + meta.block(layer, mlp_tokens)[1] + plan
             key = action.phase.value if action.mode is BlockMode.MERGED else action.mode.value
@@ -531,7 +642,7 @@ def format_report(report: MacReport, name: str) -> str:
     lines = [
         f"{name}: {report.height}x{report.width} (VAE factor {report.vae_scale}, {grid_h}x{grid_w} = "
         f"{grid_h * grid_w} tokens), {report.text_tokens} text tokens, "
-        f"{report.steps} steps, batch {report.batch}",
+        f"{report.steps} steps, batch {report.batch}, switch step {report.switch_step}",
         f"baseline {report.baseline_macs / 1e12:10.3f} TMACs ({report.baseline_macs / report.steps / 1e12:.3f} a step)",
         f"SDTM     {report.sdtm_macs / 1e12:10.3f} TMACs (plan matmuls {report.plan_macs / 1e12:.3f})",
         f"MAC ratio {report.mac_ratio:.3f}",
