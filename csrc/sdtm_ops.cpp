@@ -30,4 +30,13 @@ TORCH_LIBRARY(sdtm, m) {
   m.def(
       "ssm_plan(Tensor window_scores, Tensor dst_position, int grid_h, int grid_w, int sy, int sx, int n_win, "
       "bool pseudo_merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The detail phase's candidates (sdtm.plans.idm_destinations then idm_candidates): (src_idx, dst_idx),
+  // destinations by merge age when given, else at dst_position.
+  m.def(
+      "idm_candidates(Tensor? merge_age, Tensor? dst_position, int grid_h, int grid_w, int sy, int sx) "
+      "-> (Tensor, Tensor)");
+  // The detail-phase plan (sdtm.plans.idm_plan, r sources merged): (slot, blend, members, offsets, independent).
+  m.def(
+      "idm_plan(Tensor score, Tensor best, Tensor src_idx, Tensor dst_idx, int num_tokens, SymInt r, "
+      "bool pseudo_merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

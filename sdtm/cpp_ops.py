@@ -8,7 +8,7 @@ import torch
 from . import _C  # noqa: F401  (registers the ops)
 from .ops import OpSet
 from .plans import Grid, MergePlan
-from .schedule import windows_to_merge
+from .schedule import sources_to_merge, windows_to_merge
 
 
 @torch.library.register_fake("sdtm::window_scores")
@@ -67,6 +67,40 @@ def _ssm_plan(window_scores: torch.Tensor, grid: Grid, reduce_num: int, dst_posi
     return MergePlan(slot=slot, blend=blend, members=members, offsets=offsets, independent=independent)
 
 
+@torch.library.register_fake("sdtm::idm_candidates")
+def _idm_candidates_fake(merge_age, dst_position, grid_h, grid_w, sy, sx):
+    like = merge_age if merge_age is not None else dst_position
+    windows = (grid_h // sy) * (grid_w // sx)
+    src_idx = like.new_empty((like.shape[0], windows * (sy * sx - 1)), dtype=torch.int64)
+    return src_idx, like.new_empty((like.shape[0], windows), dtype=torch.int64)
+
+
+@torch.library.register_fake("sdtm::idm_plan")
+def _idm_plan_fake(score, best, src_idx, dst_idx, num_tokens, r, pseudo_merge):
+    batch = score.shape[0]
+    index = score.new_empty((batch, num_tokens), dtype=torch.int64)
+    flag = score.new_empty((batch, num_tokens), dtype=torch.bool)
+    offsets = score.new_empty((batch, num_tokens - r + 1), dtype=torch.int64)
+    return index, flag, torch.empty_like(index), offsets, torch.empty_like(flag)
+
+
+def _idm_candidates(grid: Grid, merge_age: torch.Tensor | None,
+                    fallback_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sdtm.plans.idm_destinations`` then ``idm_candidates`` as one compiled op (same arguments as
+    ``sdtm.ops.idm_candidates``, identical indices)."""
+    return torch.ops.sdtm.idm_candidates(merge_age, fallback_position, grid.height, grid.width, grid.sy, grid.sx)
+
+
+def _idm_plan(grid: Grid, reduce_num: int, src_idx: torch.Tensor, dst_idx: torch.Tensor, score: torch.Tensor,
+              best: torch.Tensor, pseudo_merge: bool) -> MergePlan:
+    """``sdtm.plans.idm_plan`` as one compiled op (same arguments, identical plan)."""
+    r = sources_to_merge(reduce_num, src_idx.shape[1])
+    slot, blend, members, offsets, independent = torch.ops.sdtm.idm_plan(
+        score, best, src_idx, dst_idx, grid.num_tokens, r, pseudo_merge
+    )
+    return MergePlan(slot=slot, blend=blend, members=members, offsets=offsets, independent=independent)
+
+
 def _unmerge(y, slot, blend, cache, gate, residual, mcw, store_cache):
     """``torch.ops.sdtm.unmerge``; without a residual the new cache equals the output, so it is computed
     once and returned twice, as the torch twin returns it."""
@@ -86,4 +120,6 @@ CPP_OPS = OpSet(
     norm_modulate=torch.ops.sdtm.norm_modulate,
     norm_modulate_merge=torch.ops.sdtm.norm_modulate_merge,
     ssm_plan=_ssm_plan,
+    idm_candidates=_idm_candidates,
+    idm_plan=_idm_plan,
 )

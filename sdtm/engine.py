@@ -11,13 +11,7 @@ from __future__ import annotations
 import torch
 
 from .ops import OpSet
-from .plans import (
-    MergePlan,
-    advance_merge_age_,
-    idm_candidates,
-    idm_destinations,
-    merge_age_priority,
-)
+from .plans import MergePlan, advance_merge_age_, merge_age_priority
 from .schedule import BlockAction, BlockMode, Phase
 from .state import BlockLink
 
@@ -59,8 +53,7 @@ def compute_plan(link: BlockLink, metric: torch.Tensor, ops: OpSet) -> MergePlan
         scores = ops.window_scores(metric, priority, grid.height, grid.width, grid.sy, grid.sx, config.a_s)
         plan = ops.ssm_plan(scores, grid, reduce_num, drawn, config.pseudo_merge)
     else:
-        dst_position = idm_destinations(grid, age if link.age_exists else None, drawn)
-        src_idx, dst_idx = idm_candidates(grid, dst_position)
+        src_idx, dst_idx = ops.idm_candidates(grid, age if link.age_exists else None, drawn)
         score, best = ops.bipartite_match(metric, src_idx, dst_idx, priority, config.a_d)
         plan = ops.idm_plan(grid, reduce_num, src_idx, dst_idx, score, best, config.pseudo_merge)
     advance_merge_age_(age, plan)

@@ -110,7 +110,8 @@ def test_cpp_merged_blocks_call_each_fused_op_once_per_use():
         "sdtm.norm_modulate_merge": 1, "sdtm.unmerge_into": 2}
     # Detail phase: attention unmerged, only the MLP merges.
     assert {k: v for k, v in detail.items() if k.startswith("sdtm.")} == {
-        "sdtm.norm_modulate": 1, "sdtm.bipartite_match": 1, "sdtm.norm_modulate_merge": 1, "sdtm.unmerge_into": 1}
+        "sdtm.norm_modulate": 1, "sdtm.idm_candidates": 1, "sdtm.bipartite_match": 1, "sdtm.idm_plan": 1,
+        "sdtm.norm_modulate_merge": 1, "sdtm.unmerge_into": 1}
 
 
 @requires_triton

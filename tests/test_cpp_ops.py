@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from support import assert_close, op_inputs, requires_cpp
 from sdtm import reference as R
-from sdtm.plans import idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
 pytestmark = requires_cpp
 
@@ -334,3 +334,189 @@ def test_cpp_ssm_plan_opcheck():
     scores = R.window_scores(x, None, grid.height, grid.width, grid.sy, grid.sx, 0.0)
     position = random_or_first_positions(2, grid.num_windows, grid.window_size, True, g, x.device)
     torch.library.opcheck(torch.ops.sdtm.ssm_plan.default, (scores, position, 8, 12, 2, 2, 16, False))
+
+
+# (B, grid_h, grid_w, C, sy, sx): square and non-square grids, grids with incomplete border windows,
+# 2x3 / 3x3 / 1x1 windows, and a grid with no complete window at all.
+IDM_SHAPES = [(2, 8, 16, 4, 2, 2), (3, 13, 15, 4, 2, 2), (2, 16, 16, 4, 2, 3), (1, 9, 13, 4, 3, 3),
+              (3, 7, 5, 4, 3, 2), (1, 32, 32, 4, 2, 2), (2, 6, 4, 4, 1, 1), (2, 1, 1, 4, 2, 2)]
+IDM_SHAPE_IDS = ["8x16", "13x15-B3", "16x16-win2x3", "9x13-win3x3", "7x5-win3x2", "32x32-B1", "6x4-win1x1",
+                 "1x1-no-window"]
+
+
+def _merge_age(grid, batch, g, kind):
+    """None (first detail merge), or a merge age T [B, N] int32: few values (ties inside windows), or
+    all equal (the first token of every window)."""
+    if kind == "none":
+        return None
+    if kind == "constant":
+        return torch.full((batch, grid.num_tokens), 3, dtype=torch.int32)
+    return torch.randint(0, 3, (batch, grid.num_tokens), generator=g, dtype=torch.int32)
+
+
+@requires_cpp
+@pytest.mark.parametrize("shape", IDM_SHAPES, ids=IDM_SHAPE_IDS)
+@pytest.mark.parametrize("age_kind", ["none", "tied", "constant"])
+@pytest.mark.parametrize("draw", [False, True], ids=["first", "random"])
+def test_cpp_idm_candidates_equal_torch(shape, age_kind, draw):
+    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.ops import TORCH_OPS
+
+    grid, x, _, g = op_inputs(shape, torch.float32)
+    batch = x.shape[0]
+    position = random_or_first_positions(batch, grid.num_windows, grid.window_size, draw, g, x.device)
+    age = _merge_age(grid, batch, g, age_kind)
+    src, dst = CPP_OPS.idm_candidates(grid, age, position)
+    ref_src, ref_dst = TORCH_OPS.idm_candidates(grid, age, position)
+    assert src.shape == (batch, grid.num_windows * (grid.window_size - 1)) and dst.shape == (batch, grid.num_windows)
+    assert torch.equal(src, ref_src) and torch.equal(dst, ref_dst)
+    if age is not None:  # with a merge age the fallback positions are neither read nor needed
+        assert all(torch.equal(a, b) for a, b in zip(CPP_OPS.idm_candidates(grid, age, None), (src, dst)))
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16, torch.uint8, torch.float32, torch.float64,
+                                   torch.float16, torch.bfloat16])
+def test_cpp_idm_candidates_any_merge_age_dtype(dtype):
+    """argmax's rules in every dtype: the first largest wins, NaN counts as the largest."""
+    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.ops import TORCH_OPS
+
+    grid = Grid(9, 10, 2, 2)
+    g = torch.Generator().manual_seed(1)
+    age = torch.randint(0, 4, (2, grid.num_tokens), generator=g).to(dtype)
+    if dtype.is_floating_point:
+        age[0, ::7] = float("nan")
+        age[1, 5::9] = float("inf")
+    actual = CPP_OPS.idm_candidates(grid, age, None)
+    expected = TORCH_OPS.idm_candidates(grid, age, None)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+@requires_cpp
+@pytest.mark.parametrize(
+    "shape, reduce_num",
+    [((2, 8, 16, 4, 2, 2), 60), ((3, 13, 15, 4, 2, 2), 100), ((2, 16, 16, 4, 2, 3), 200), ((1, 9, 13, 4, 3, 3), 40),
+     ((3, 7, 5, 4, 3, 2), 20), ((1, 32, 32, 4, 2, 2), 500), ((2, 16, 16, 4, 2, 2), 0), ((2, 16, 16, 4, 2, 2), 10**6),
+     ((2, 1, 1, 4, 2, 2), 5)],
+    ids=["8x16", "13x15-B3", "16x16-win2x3", "9x13-win3x3", "7x5-win3x2-B3", "32x32-B1", "none", "all-sources",
+         "1x1-no-window"],
+)
+@pytest.mark.parametrize("pseudo", [False, True], ids=["mean", "pseudo"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied-scores"])
+def test_cpp_idm_plan_equals_torch_plan(shape, reduce_num, pseudo, ties):
+    from sdtm.cpp_ops import CPP_OPS
+
+    grid, x, prio, g = op_inputs(shape, torch.float32)
+    position = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
+    src, dst = idm_candidates(grid, position)
+    if grid.num_windows:
+        score, best = R.bipartite_match(x, src, dst, prio, 0.05)
+    else:  # no destination: no source either (the torch twin of bipartite_match refuses this case)
+        score, best = torch.empty(src.shape), torch.empty(src.shape, dtype=torch.int64)
+    if ties:  # few distinct values: the order among equal scores must be the stable one
+        score = (score * 2).round() / 2
+    expected = idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+    actual = CPP_OPS.idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+    for name in ("slot", "blend", "members", "offsets", "independent"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_idm_plan_special_scores(dtype):
+    """NaN, infinities and signed zeros sort as in torch.sort, in each floating dtype."""
+    from sdtm.cpp_ops import CPP_OPS
+
+    grid = Grid(8, 8, 2, 2)
+    g = torch.Generator().manual_seed(2)
+    src, dst = idm_candidates(grid, torch.zeros(2, grid.num_windows, dtype=torch.int64))
+    score = torch.randn(2, src.shape[1], generator=g).to(dtype)
+    score[0, ::7], score[1, ::3], score[1, 1] = float("nan"), float("-inf"), float("inf")
+    score[0, 2], score[0, 4] = -0.0, 0.0
+    best = torch.randint(0, grid.num_windows, src.shape, generator=g)
+    for reduce_num in (16, 32, 48):
+        expected = idm_plan(grid, reduce_num, src, dst, score, best, True)
+        actual = CPP_OPS.idm_plan(grid, reduce_num, src, dst, score, best, True)
+        for name in ("slot", "blend", "members", "offsets", "independent"):
+            assert torch.equal(getattr(actual, name), getattr(expected, name)), (name, reduce_num)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    grid_h=st.integers(1, 14),
+    grid_w=st.integers(1, 14),
+    sy=st.integers(1, 3),
+    sx=st.integers(1, 3),
+    reduce_frac=st.floats(0.0, 1.2),
+    age_kind=st.sampled_from(["none", "tied", "constant"]),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    pseudo=st.booleans(),
+)
+def test_cpp_idm_ops_random(batch, grid_h, grid_w, sy, sx, reduce_frac, age_kind, levels, seed, pseudo):
+    """Random grids, windows, merge ages and (heavily tied) scores: both ops equal the torch path."""
+    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.ops import TORCH_OPS
+
+    grid = Grid(grid_h, grid_w, sy, sx)
+    g = torch.Generator().manual_seed(seed)
+    position = random_or_first_positions(batch, grid.num_windows, grid.window_size, True, g, "cpu")
+    age = _merge_age(grid, batch, g, age_kind)
+    src, dst = CPP_OPS.idm_candidates(grid, age, position)
+    ref_src, ref_dst = TORCH_OPS.idm_candidates(grid, age, position)
+    assert torch.equal(src, ref_src) and torch.equal(dst, ref_dst)
+    score = torch.randint(0, levels, src.shape, generator=g).float() / levels
+    best = torch.randint(0, max(grid.num_windows, 1), src.shape, generator=g)
+    reduce_num = int(reduce_frac * grid.num_tokens)
+    expected = idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+    actual = CPP_OPS.idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
+    for name in ("slot", "blend", "members", "offsets", "independent"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+
+
+@requires_cpp
+def test_cpp_idm_ops_reject_bad_arguments():
+    from sdtm.cpp_ops import CPP_OPS  # noqa: F401  loads the ops
+
+    grid = Grid(4, 8, 2, 2)
+    src, dst = idm_candidates(grid, torch.zeros(1, 8, dtype=torch.int64))
+    score, best = torch.randn(1, 24), torch.randint(0, 8, (1, 24))
+    plan = torch.ops.sdtm.idm_plan
+    with pytest.raises(RuntimeError, match="r must lie in"):
+        plan(score, best, src, dst, 32, 25, False)
+    with pytest.raises(RuntimeError, match="best must lie in"):
+        plan(score, torch.full((1, 24), 8), src, dst, 32, 16, False)
+    with pytest.raises(RuntimeError, match="dst_idx holds token"):
+        plan(score, best, src, torch.zeros(1, 8, dtype=torch.int64), 32, 16, False)
+    with pytest.raises(RuntimeError, match="is also a destination"):
+        plan(score, best, torch.cat([dst, src[:, 8:]], dim=1), dst, 32, 16, False)
+    with pytest.raises(RuntimeError, match="src_idx must lie in"):
+        plan(score, best, src + 32, dst, 32, 16, False)
+    with pytest.raises(RuntimeError, match="score, best and src_idx"):
+        plan(score[:, :20], best, src, dst, 32, 16, False)
+    candidates = torch.ops.sdtm.idm_candidates
+    with pytest.raises(RuntimeError):  # no tensor at all: the dispatcher has no kernel to pick
+        candidates(None, None, 4, 8, 2, 2)
+    with pytest.raises(RuntimeError, match="dst_position must lie in"):
+        candidates(None, torch.full((1, 8), 4), 4, 8, 2, 2)
+    with pytest.raises(RuntimeError, match="dst_position must be \\[B, W=8\\]"):
+        candidates(None, torch.zeros(1, 9, dtype=torch.int64), 4, 8, 2, 2)
+    with pytest.raises(RuntimeError, match="merge_age must be a \\[B, N=32\\]"):
+        candidates(torch.zeros(1, 30, dtype=torch.int32), None, 4, 8, 2, 2)
+
+
+@requires_cpp
+def test_cpp_idm_ops_opcheck():
+    from sdtm.cpp_ops import CPP_OPS  # noqa: F401  registers the fake implementations
+
+    grid, x, prio, g = op_inputs((2, 8, 12, 4, 2, 2), torch.float32)
+    position = random_or_first_positions(2, grid.num_windows, grid.window_size, True, g, x.device)
+    age = torch.randint(0, 3, (2, grid.num_tokens), generator=g, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.sdtm.idm_candidates.default, (None, position, 8, 12, 2, 2))
+    torch.library.opcheck(torch.ops.sdtm.idm_candidates.default, (age, None, 8, 12, 2, 2))
+    src, dst = idm_candidates(grid, position)
+    score, best = R.bipartite_match(x, src, dst, prio, 0.05)
+    for r, pseudo in ((16, False), (48, True), (0, False)):
+        torch.library.opcheck(torch.ops.sdtm.idm_plan.default, (score, best, src, dst, grid.num_tokens, r, pseudo))
