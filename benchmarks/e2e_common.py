@@ -1,3 +1,12 @@
-"""The end-to-end setting shared by test_bench_e2e.py and e2e.py (defined in sdtm.bench)."""
+"""The end-to-end setting shared by test_bench_e2e.py and e2e.py (defined in sdtm.bench): the shrunk
+transformer of each model family, the denoising loop its pipeline runs, and the settings compared."""
 
-from sdtm.bench import ALL_STRUCTURE, Denoiser, sd3_shaped_transformer  # noqa: F401
+from sdtm.bench import (  # noqa: F401
+    ALL_STRUCTURE,
+    E2E_MODELS,
+    Denoiser,
+    mac_config,
+    resolved_config,
+    sd3_shaped_transformer,
+    shaped_transformer,
+)

@@ -1,12 +1,24 @@
-"""Time SD3-medium generation on one GPU: unmerged and SDTM, eager and on a fast path, into one JSON file.
+"""Time generation on one GPU: unmerged and SDTM, eager and on a fast path, into one JSON file.
 
     python benchmarks/gpu_check.py                       # CUDA: SD3-medium shapes, fp16, 1024x1024, 50 steps
-    python benchmarks/gpu_check.py --device cpu --tiny   # smoke run: a 2-block SD3-shaped model, a few steps
-    bash benchmarks/gpu_check.sh                         # wheels, the GPU tests, then this script
+    python benchmarks/gpu_check.py --model flux-dev      # FLUX.1-dev shapes, bf16, 1024x1024, 28 steps
+    python benchmarks/gpu_check.py --model pixart-sigma  # PixArt-Sigma-XL-2-1024 shapes, fp16, 1024x1024, 20 steps
+    python benchmarks/gpu_check.py --device cpu --tiny   # smoke run: a 2-block model of the family, a few steps
+    bash benchmarks/gpu_check.sh [--model ...]           # wheels, the GPU tests, then this script
 
-The transformer of SD3-medium with random weights (diffusers' SD3Transformer2DModel with
-sdtm.macs.PRESETS["sd3-medium"]) runs a plain flow-matching denoising loop over random latents and
-random prompt embeddings of 333 text tokens, batch 2 (the classifier-free-guidance batch). Variants:
+The transformer of ``--model`` with random weights runs a plain denoising loop over random latents and
+random prompt embeddings, called as its diffusers pipeline calls it (sdtm.bench.Denoiser):
+
+    sd3-medium     SD3Transformer2DModel (sdtm.macs.PRESETS["sd3-medium"]), 333 text tokens, batch 2
+                   (the classifier-free-guidance batch), flow-matching Euler
+    flux-dev       FluxTransformer2DModel of FLUX.1-dev (19 double-stream + 38 single-stream blocks, C=3072),
+                   512 text tokens, batch 1 (guidance-distilled: the guidance 3.5 is an input, no CFG),
+                   packed 2x2 latent tokens, FluxPipeline's schedule
+    pixart-sigma   PixArtTransformer2DModel of PixArt-Sigma-XL-2-1024-MS (28 blocks, C=1152), 300 text
+                   tokens, batch 2 (CFG), DPM-Solver++
+
+SDTM runs with its defaults and the family's switch step (SD3: 20; Flux, PixArt: the first 40% of the
+steps); the JSON's ``model`` says which model ran. Variants:
 
     unmerged_eager          no SDTM
     unmerged_fast           no SDTM, the transformer on the fast path
@@ -36,13 +48,14 @@ nothing: their workspace is in the graphs' pool, reported as ``memory.reserved_g
 
 ``--budget`` caps the run: a variant is skipped (and said so) when its warm-up would start late, and the
 rounds are cut to what fits; a JSON file is written after every stage, so a run stopped early (SIGINT)
-still leaves one. The file is benchmarks/results/gpu-<date>-<device>.json (``--out-dir``, ``--json``),
-copied into $OUT when that variable is set.
+still leaves one. The file is benchmarks/results/gpu-<date>-<device>.json (gpu-<date>-<model>-<device>.json
+for a --model other than sd3-medium; ``--out-dir``, ``--json``), copied into $OUT when that variable is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import itertools
@@ -71,25 +84,48 @@ PRIORITY = ("unmerged_eager", "sdtm_eager", "unmerged_fast", "sdtm_fast", "sdtm_
 ALWAYS_RUN = ("unmerged_eager", "sdtm_eager")
 AGGRESSIVE = dict(ratio=0.5, deviation=0.0)
 PHASES = ("protected", "structure", "detail")
-TEXT_TOKENS = 333
+# Per --model: the family (sdtm.models), the transformer's config, the defaults of a CUDA run, text tokens
+# and the unmerged seconds per step on an H100 at 1024x1024 and the model's batch (a rough figure for the
+# printed estimate only).
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+PIXART_SIGMA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2,
+                    norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
+MODELS = {
+    "sd3-medium": dict(family="sd3", dtype="float16", steps=50, batch=2, text_tokens=333, h100_step_seconds=0.056,
+                       tiny="tiny SD3-shaped (2 blocks, C=128)"),
+    "flux-dev": dict(family="flux", dtype="bfloat16", steps=28, batch=1, text_tokens=512, h100_step_seconds=0.25,
+                     tiny="tiny FLUX.1-dev-shaped (1 double-stream + 2 single-stream blocks, C=128)"),
+    "pixart-sigma": dict(family="pixart", dtype="float16", steps=20, batch=2, text_tokens=300,
+                         h100_step_seconds=0.06, tiny="tiny PixArt-Sigma-shaped (2 blocks, C=144)"),
+}
 # A variant's warm-up starts only while less than this share of --budget is spent.
 WARMUP_SHARE = 0.6
-UNMERGED_H100_SECONDS = 2.8  # one unmerged 50-step 1024x1024 generation, for the printed estimate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model and generation")
+    model.add_argument("--model", choices=list(MODELS), default="sd3-medium",
+                       help="the transformer's shapes (random weights): sd3-medium (fp16, 50 steps, batch 2), "
+                            "flux-dev (bf16, 28 steps, batch 1: guidance-distilled, 512 text tokens) or "
+                            "pixart-sigma (fp16, 20 steps, batch 2, 300 text tokens); sd3-medium")
     model.add_argument("--device", default=None,
                        help="torch device; default cuda when available, else cpu (cpu only makes sense with --tiny)")
     model.add_argument("--tiny", action="store_true",
-                       help="smoke settings: a 2-block SD3-shaped transformer (C=128), float32, 256x256, 6 steps, "
-                            "1 round (each can still be set by its own option)")
+                       help="smoke settings: a transformer of the model's family shrunk to 2 blocks (SD3: C=128; "
+                            "Flux: 1 double-stream + 2 single-stream blocks, C=128; PixArt: C=144) with its "
+                            "text tokens, float32, 256x256, 6 steps, 1 round (each can still be set by its own "
+                            "option)")
     model.add_argument("--size", type=int, default=None, help="image side in pixels (latents are 8x smaller); 1024")
-    model.add_argument("--steps", type=int, default=None, help="denoising steps; 50")
-    model.add_argument("--batch", type=int, default=2, help="batch of every transformer call (CFG: 2); 2")
+    model.add_argument("--steps", type=int, default=None, help="denoising steps; the model's (50, 28, 20)")
+    model.add_argument("--batch", type=int, default=None,
+                       help="batch of every transformer call; the model's (CFG: 2; flux-dev: 1)")
     model.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                       help="weights and activations; float16 (float32 with --tiny)")
+                       help="weights and activations; the model's (float16; flux-dev: bfloat16), float32 with "
+                            "--tiny or on the CPU")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights, latents and embeddings; 0")
     model.add_argument("--threads", type=int, default=None,
                        help="torch's CPU threads; 1 with --device cpu (timings there are a smoke test only), "
@@ -116,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "0: no cap. 330")
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"),
-                        help="folder of gpu-<date>-<device>.json; benchmarks/results")
+                        help="folder of gpu-<date>[-<model>]-<device>.json; benchmarks/results")
     output.add_argument("--json", default=None, help="write the JSON here instead")
     output.add_argument("--no-out-copy", action="store_true", help="do not copy the JSON into $OUT")
     shell = parser.add_argument_group("recorded from gpu_check.sh")
@@ -131,10 +167,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be positive, got {value}")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
     if args.size is not None and args.size % 16:
-        parser.error(f"--size must be a multiple of 16 (8x VAE factor, patch 2), got {args.size}")
+        parser.error(f"--size must be a multiple of 16 (8x VAE factor, patch 2 or Flux's 2x2 packing), "
+                     f"got {args.size}")
     return args
 
 
@@ -148,10 +185,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; use --device cpu --tiny")
     cuda = args.device.type == "cuda"
+    spec = MODELS[args.model]
     args.size = args.size or (256 if args.tiny else 1024)
-    args.steps = args.steps or (6 if args.tiny else 50)
+    args.steps = args.steps or (6 if args.tiny else spec["steps"])
     args.rounds = args.rounds or (1 if args.tiny else 3)
-    args.dtype = args.dtype or ("float32" if args.tiny or not cuda else "float16")
+    args.batch = args.batch or spec["batch"]
+    args.dtype = args.dtype or ("float32" if args.tiny or not cuda else spec["dtype"])
     args.backend = args.backend or ("triton" if cuda else "auto")
     args.fast = args.fast or ("graphs" if cuda else "compile")
     args.compile_backend = args.compile_backend or ("inductor" if cuda else "eager")
@@ -246,38 +285,66 @@ class Elapsed:
 
 
 def build_transformer(args):
-    """SD3-medium's transformer (or the tiny SD3-shaped one) with random weights, on the device, in eval
-    mode; and its config as a plain dict (for the MAC count)."""
+    """The --model transformer (or its tiny shrunk version) with random weights, on the device, in eval
+    mode; and its config as sdtm.macs reads it (for the MAC count)."""
     import torch
+
+    from sdtm.bench import flux_shaped_transformer, mac_config, pixart_shaped_transformer, sd3_shaped_transformer
 
     dtype = getattr(torch, args.dtype)
     latent = args.size // 8
+    family = MODELS[args.model]["family"]
     if args.tiny:
-        from sdtm.bench import sd3_shaped_transformer
-
-        model = sd3_shaped_transformer(num_layers=2, heads=2, sample_size=max(128, latent), seed=args.seed,
-                                       device=args.device, dtype=dtype)
+        if family == "flux":
+            model = flux_shaped_transformer(num_layers=1, num_single_layers=2, heads=1, seed=args.seed,
+                                            device=args.device, dtype=dtype)
+        elif family == "pixart":
+            model = pixart_shaped_transformer(num_layers=2, heads=2, sample_size=latent, seed=args.seed,
+                                              device=args.device, dtype=dtype)
+        else:
+            model = sd3_shaped_transformer(num_layers=2, heads=2, sample_size=max(128, latent), seed=args.seed,
+                                           device=args.device, dtype=dtype)
     else:
-        from diffusers import SD3Transformer2DModel
+        import diffusers
 
-        from sdtm.macs import PRESETS
+        if family == "flux":
+            cls, config = diffusers.FluxTransformer2DModel, FLUX_DEV
+        elif family == "pixart":
+            cls, config = diffusers.PixArtTransformer2DModel, PIXART_SIGMA
+        else:
+            from sdtm.macs import PRESETS
 
+            cls, config = diffusers.SD3Transformer2DModel, PRESETS["sd3-medium"]
         torch.manual_seed(args.seed)
         try:
-            # Built on the device: random initialisation of two billion weights on the host is slow.
-            with torch.device(args.device):
-                model = SD3Transformer2DModel(**PRESETS["sd3-medium"])
+            # Built on the device (random initialisation of billions of weights on the host is slow) and in
+            # the run's dtype (FLUX.1-dev's 12 billion weights in float32 and a cast copy would not fit
+            # beside each other on an 80 GB GPU).
+            with torch.device(args.device), default_dtype(dtype):
+                model = cls(**config)
         except Exception as error:
             print(f"building on {args.device} failed ({type(error).__name__}: {error}); building on the CPU",
                   flush=True)
             torch.manual_seed(args.seed)
-            model = SD3Transformer2DModel(**PRESETS["sd3-medium"])
+            model = cls(**config)
         # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts.
         model = torch.nn.Module.to(model, device=args.device, dtype=dtype).eval()
         if args.device.type == "cuda":
-            torch.cuda.empty_cache()  # the float32 copy
-    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    return model, config
+            torch.cuda.empty_cache()  # a float32 copy, where one was made
+    return model, mac_config(model)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """torch's default floating-point dtype set to ``dtype`` for the block's duration."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def shared_copy(module):
@@ -287,8 +354,9 @@ def shared_copy(module):
 
 
 def make_generation(transformer, args):
-    """A flow-matching denoising loop over ``transformer`` (sdtm.bench.Denoiser: its own scheduler, random
-    latents, 333-token prompt embeddings), with an optional timer around each transformer call."""
+    """The family's denoising loop over ``transformer`` (sdtm.bench.Denoiser: its own scheduler, random
+    latents, prompt embeddings of the model's text tokens), with an optional timer around each
+    transformer call."""
     import torch
 
     from sdtm.bench import Denoiser
@@ -296,21 +364,19 @@ def make_generation(transformer, args):
     class Generation(Denoiser):
         @torch.no_grad()
         def __call__(self, timer: StepTimer | None = None) -> torch.Tensor:
-            self.scheduler.set_timesteps(self.steps, device=self.latents.device)
             x = self.latents
-            for t in self.scheduler.timesteps:
+            for t in self.set_timesteps():
                 if timer is not None:
                     timer.start()
-                out = self.transformer(hidden_states=x, timestep=t.expand(x.shape[0]),
-                                       encoder_hidden_states=self.context, pooled_projections=self.pooled,
-                                       return_dict=False)[0]
+                out = self.predict(x, t)
                 if timer is not None:
                     timer.stop()
                 x = self.scheduler.step(out, t, x, return_dict=False)[0]
             return x
 
     latent = args.size // 8
-    return Generation(transformer, latent, latent, args.steps, args.batch, seed=args.seed)
+    return Generation(transformer, latent, latent, args.steps, args.batch, seed=args.seed,
+                      text_tokens=MODELS[args.model]["text_tokens"])
 
 
 class RerunCapture:
@@ -437,10 +503,23 @@ class Variant:
         return self.generation(timer)
 
 
-def variants(args) -> list[Variant]:
+def default_config(args):
+    """SDTM's defaults with the family's switch step (None: resolved when the step count is known)."""
     from sdtm import SDTMConfig
 
-    default = SDTMConfig(backend=args.backend)
+    return SDTMConfig(backend=args.backend, switch_step=None)
+
+
+def resolved(args, config):
+    """``config`` with the family's switch step for ``args.steps`` steps, as apply_sdtm resolves it."""
+    from sdtm.models import ADAPTERS
+
+    family = MODELS[args.model]["family"]
+    return next(a for a in ADAPTERS if a.name == family).resolve_config(config, args.steps)
+
+
+def variants(args) -> list[Variant]:
+    default = default_config(args)
     aggressive = default.replace(**AGGRESSIVE)
     specs = {"unmerged_eager": (None, False), "unmerged_fast": (None, True), "sdtm_eager": (default, False),
              "sdtm_fast": (default, True), "sdtm_aggressive_eager": (aggressive, False),
@@ -452,12 +531,13 @@ def variants(args) -> list[Variant]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def step_phases(steps: int) -> list[str]:
-    """Each step's phase under SDTM's default schedule: protected, structure or detail."""
+def step_phases(steps: int, default=None) -> list[str]:
+    """Each step's phase under ``default`` (an SDTMConfig with a switch step; None: SDTM's defaults, switch
+    step 20): protected, structure or detail."""
     from sdtm import SDTMConfig
     from sdtm.schedule import Phase, is_protected_step, phase_at_step
 
-    default = SDTMConfig()
+    default = default or SDTMConfig()
     return ["protected" if is_protected_step(default, s) else
             ("structure" if phase_at_step(default, s) is Phase.STRUCTURE else "detail") for s in range(steps)]
 
@@ -539,7 +619,7 @@ def summarise(data: dict) -> str:
     first, phase, mem = data["first_generation_seconds"], data["per_phase_ms"], data["peak_memory_bytes"]
     settings = data["settings"]
     lines = [
-        f"{data['device']}: torch {data['torch']}, triton {data['triton']}, {settings['dtype']}, "
+        f"{data.get('model', 'sd3-medium')} on {data['device']}: torch {data['torch']}, triton {data['triton']}, {settings['dtype']}, "
         f"{settings['size'][0]}x{settings['size'][1]}, {settings['steps']} steps, batch {settings['batch']}, "
         f"{settings['rounds'] or 0} rounds; fast path {data['fast_path']}",
         f"MAC ratio {data['mac_ratio']:.3f} (defaults), {data['mac_ratio_aggressive']:.3f} (aggressive)"
@@ -576,7 +656,6 @@ def summarise(data: dict) -> str:
 def run(args, report: Report, elapsed: Elapsed) -> None:
     import torch
 
-    from sdtm import SDTMConfig
     from sdtm.macs import schedule_macs
 
     cuda = args.device.type == "cuda"
@@ -585,15 +664,18 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     name = device_name(args.device)
     info = versions()
     fast_path = FastPath(args)
-    phases = step_phases(args.steps)
+    spec = MODELS[args.model]
+    default = resolved(args, default_config(args))
+    phases = step_phases(args.steps, default)
     empty = {v: None for v in VARIANTS}
     data.update({
-        "device": name, "torch": info["torch"], "triton": info.get("triton"), "versions": info,
+        "model": args.model, "device": name, "torch": info["torch"], "triton": info.get("triton"), "versions": info,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fast_path": fast_path.kind, "fast_path_detail": fast_path.detail, "fast_path_note": fast_path.note,
-        "settings": {"model": "tiny SD3-shaped (2 blocks, C=128)" if args.tiny else "sd3-medium, random weights",
+        "settings": {"model": spec["tiny"] if args.tiny else f"{args.model}, random weights",
                      "size": [args.size, args.size], "latent": [args.size // 8, args.size // 8],
-                     "steps": args.steps, "batch": args.batch, "dtype": args.dtype, "text_tokens": TEXT_TOKENS,
+                     "steps": args.steps, "batch": args.batch, "dtype": args.dtype, "text_tokens": spec["text_tokens"],
+                     "switch_step": default.switch_step,
                      "rounds": None, "rounds_requested": args.rounds, "backend": args.backend,
                      "fast": args.fast, "seed": args.seed, "budget_seconds": args.budget,
                      "aggressive": AGGRESSIVE, "skip_aggressive": args.skip_aggressive},
@@ -609,10 +691,10 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     })
     if fast_path.note:
         print(f"note: {fast_path.note}; the fast path is torch.compile", flush=True)
-    print(f"{name}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
+    print(f"{args.model}: {name}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
           f"fast path {fast_path.kind} ({fast_path.detail})", flush=True)
     if cuda and not args.tiny:
-        per_gen = UNMERGED_H100_SECONDS * args.steps / 50 * (args.size / 1024) ** 2 * args.batch / 2
+        per_gen = spec["h100_step_seconds"] * args.steps * (args.size / 1024) ** 2 * args.batch / spec["batch"]
         count = 6 - 2 * args.skip_aggressive
         # A warm-up is about 1.5 generations (graph capture, Triton compilation), then one instrumented
         # generation and the rounds; SDTM's eager generations are assumed no faster than unmerged ones.
@@ -624,9 +706,10 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
 
     elapsed.begin("MAC count (meta device)")
     data["macs"] = {}
-    for key, sdtm_config in (("mac_ratio", SDTMConfig()), ("mac_ratio_aggressive", SDTMConfig(**AGGRESSIVE))):
+    for key, sdtm_config in (("mac_ratio", default), ("mac_ratio_aggressive", default.replace(**AGGRESSIVE))):
         try:
-            counted = schedule_macs(config, args.size, args.size, args.steps, batch=args.batch, sdtm=sdtm_config)
+            counted = schedule_macs(config, args.size, args.size, args.steps, batch=args.batch, sdtm=sdtm_config,
+                                    text_tokens=spec["text_tokens"])
         except Exception as error:  # the timing goes on without the ratio
             data["errors"][key] = f"{type(error).__name__}: {error}"
             traceback.print_exc()
@@ -788,12 +871,14 @@ def fill_ratios(data: dict, mac_for: dict) -> None:
 
 
 def output_path(args) -> Path:
-    """--json, or gpu-<date>-<device>.json in --out-dir (after ``resolve``)."""
+    """--json, or gpu-<date>-<device>.json in --out-dir (gpu-<date>-<model>-<device>.json for a model
+    other than sd3-medium), after ``resolve``."""
     if args.json:
         return Path(args.json)
     name = device_name(args.device) if args.device.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    return Path(args.out_dir) / f"gpu-{date}-{slug(name)}.json"
+    model = "" if args.model == "sd3-medium" else f"{args.model}-"
+    return Path(args.out_dir) / f"gpu-{date}-{model}{slug(name)}.json"
 
 
 def main(argv=None) -> int:

@@ -2,14 +2,17 @@
 # The GPU check in one command, from the repository root, on a machine with one CUDA GPU:
 #
 #     bash benchmarks/gpu_check.sh [options of gpu_check.py]
+#     bash benchmarks/gpu_check.sh --model flux-dev      # or pixart-sigma; sd3-medium by default
 #
 #   a. installs the wheels in .whl/ (diffusers and what the machine lacks of its needs) into /tmp/site,
 #      offline, when there are any; the repository root goes on PYTHONPATH (sdtm runs from the source,
 #      with the Triton backend on CUDA; its C++ extension is not needed);
 #   b. runs the GPU tests (tests/test_triton_ops.py, the CUDA tests of tests/test_graphs.py), capped at
 #      GPU_CHECK_TEST_TIMEOUT seconds (180); a failure does not stop the check;
-#   c. runs benchmarks/gpu_check.py with what is left of GPU_CHECK_BUDGET seconds (420 in all), which
-#      writes benchmarks/results/gpu-<date>-<device>.json with the tests' exit code and summary in it.
+#   c. runs benchmarks/gpu_check.py with what is left of GPU_CHECK_BUDGET seconds (420 in all) and the
+#      options given here (--model, --steps, ...), which writes benchmarks/results/gpu-<date>-<device>.json
+#      (gpu-<date>-<model>-<device>.json for flux-dev and pixart-sigma) with the tests' exit code and
+#      summary in it.
 #
 # With OUT set, the JSON and the logs of b and c are copied into $OUT. The exit code is gpu_check.py's.
 # .whl/ is filled beforehand on a machine with pip and a network (the image has diffusers' other needs):

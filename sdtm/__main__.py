@@ -31,11 +31,19 @@ def _even(text: str) -> int:
 
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
-        "demo", help="generate on a tiny built-in SD3 pipeline with and without SDTM and compare",
-        description="Builds a tiny SD3 pipeline from config (random weights, no downloads), generates with and "
-                    "without SDTM, prints latency, MACs, speedup and tokens per phase, and writes a PNG (the "
-                    "two images side by side and the tokens per step).")
-    demo.add_argument("--size", type=_even, default=96, help="image side in pixels (default 96: 48x48 tokens)")
+        "demo", help="generate on a tiny built-in SD3, Flux.1 or PixArt-Sigma pipeline with and without SDTM "
+                     "and compare",
+        description="Builds a tiny pipeline of the --model family from config (random weights, no downloads), "
+                    "generates with and without SDTM, prints latency, MACs, speedup and tokens per phase, and "
+                    "writes a PNG (the two images side by side and the tokens per step). SD3 and PixArt run "
+                    "classifier-free guidance (batch 2), Flux.1 is guidance-distilled (batch 1). SDTM's switch "
+                    "step: SD3 step round(steps x 20 / 50) (the reference's 20 of 50), Flux and PixArt their "
+                    "family's default (the first 40% of the steps).")
+    demo.add_argument("--model", choices=["sd3", "flux", "pixart"], default="sd3",
+                      help="model family of the tiny pipeline (default sd3)")
+    demo.add_argument("--size", type=_even, default=96,
+                      help="image side in pixels (default 96: 48x48 tokens; the tiny VAE does not down-sample; "
+                           "sd3: at most 96)")
     demo.add_argument("--steps", type=positive_int, default=12, help="denoising steps (default 12)")
     demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
     demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
@@ -48,12 +56,12 @@ def _add_macs(commands) -> None:
         description="Counts the multiply-accumulates of every transformer call of a generation on the meta "
                     "device (no weights, no memory), without and with SDTM, with a per-phase breakdown.")
     macs.add_argument("--config", required=True,
-                      help="sd3-medium, sd3.5-medium, sd3.5-large, pixart-sigma, pixart-alpha, a transformer config.json or a diffusers folder")
+                      help="sd3-medium, sd3.5-medium, sd3.5-large, pixart-sigma, pixart-alpha, flux-dev, flux-schnell, a transformer config.json or a diffusers folder")
     macs.add_argument("--height", type=positive_int, default=1024)
     macs.add_argument("--width", type=positive_int, default=1024)
     macs.add_argument("--steps", type=positive_int, default=50)
     macs.add_argument("--batch", type=positive_int, default=2, help="batch per transformer call (2 with CFG)")
-    macs.add_argument("--text-tokens", type=positive_int, help="text tokens (default: 333 SD3, 300 Sigma, 120 alpha)")
+    macs.add_argument("--text-tokens", type=positive_int, help="text tokens (default: 333 SD3, 300 Sigma, 120 alpha, 512 Flux dev, 256 Flux schnell)")
     macs.add_argument("--json", action="store_true", help="print one JSON object")
     macs.add_argument("--plot", help="write tokens and MACs per step to this PNG")
     add_sdtm_options(macs, with_disable=False)
@@ -82,10 +90,19 @@ def _add_bench(commands) -> None:
         "bench", help="time the backends on this machine (kernels, one block's SDTM share, end to end, or "
                       "the host's cost per step)",
         description="Times each available backend on this machine, rounds interleaved, and reports medians "
-                    "and ratios with the machine's description. host: an SD3-medium topology with tensors "
+                    "and ratios with the machine's description. e2e: a transformer of the --model family's "
+                    "shape, shrunk for the CPU, over a whole denoising schedule, unmerged and with SDTM per "
+                    "backend, against the theoretical MAC ratio (meta device); and SDTM at ratio 0.5 in "
+                    "every step against the unmerged model on as many tokens. host: an SD3-medium topology with tensors "
                     "shrunk until compute is small, unmerged and SDTM per backend, eager and compiled: host "
                     "time per denoising step and launches (dispatched ops) per step and per block by phase.")
     bench.add_argument("what", choices=["kernels", "block", "e2e", "host"])
+    bench.add_argument("--model", choices=["sd3", "flux", "pixart"], default=None,
+                       help="e2e only: the transformer's family (default sd3): SD3-shaped (C=768, 2 blocks, "
+                            "333 text tokens, batch 2), FLUX.1-dev-shaped (C=768, 1 double-stream + 2 "
+                            "single-stream blocks, 512 text tokens, batch 1: guidance-distilled) or "
+                            "PixArt-Sigma-shaped (C=576, 2 blocks, 300 text tokens, batch 2); 64x64 tokens, "
+                            "10 steps, SDTM's defaults with the family's switch step")
     bench.add_argument("--rounds", type=positive_int, default=5)
     bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
                        help="backends to compare (kernels: default every one available here, torch always "
@@ -99,7 +116,8 @@ def _add_bench(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for diffusion transformers (SD3 / SD3.5, PixArt).")
+    parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for diffusion transformers "
+                                              "(SD3 / SD3.5, Flux.1, PixArt-alpha / Sigma).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_demo(commands)
     from . import generate
@@ -156,18 +174,17 @@ def _run_macs(args) -> int:
 
 def _check_demo_args(args) -> None:
     """Raise a ValueError before any work when the demo's options cannot run: an image larger than the
-    tiny model's positional table, an output folder that is missing or read-only, a backend that does not
-    run on the CPU (where the demo runs)."""
+    tiny model's positional table (SD3), an output folder that is missing or read-only, a backend that
+    does not run on the CPU (where the demo runs)."""
     import torch
 
-    from .demo import DEMO_SPEC
+    from .demo import DEMO_MODELS
     from .ops import ops_for
 
-    # The demo's VAE does not down-sample: one token is patch_size x patch_size pixels.
-    largest = DEMO_SPEC.sample_size // DEMO_SPEC.patch_size * DEMO_SPEC.patch_size
-    if args.size > largest:
-        raise ValueError(f"--size {args.size} is larger than the demo model's positional table allows; "
-                         f"use at most {largest}.")
+    largest = DEMO_MODELS[args.model].max_size
+    if largest is not None and args.size > largest:
+        raise ValueError(f"--size {args.size} is larger than the {args.model} demo model's positional table "
+                         f"allows; use at most {largest}.")
     if not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is not a folder.")
     if not os.access(args.out, os.W_OK):
@@ -189,7 +206,8 @@ def _run_demo(args) -> int:
     _quiet_transformers()
     from .demo import run_demo
 
-    run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out)
+    run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out,
+             model=args.model)
     return 0
 
 
@@ -230,6 +248,8 @@ def _run_bench(args) -> int:
     from .bench import bench_block_share, bench_e2e, bench_kernels, machine_info
 
     setting, compile_backend = _host_setting(args)
+    if args.model is not None and args.what != "e2e":
+        raise ValueError(f"--model: an option of `sdtm bench e2e` only, not of `sdtm bench {args.what}`.")
     if args.plot:
         _check_plot_path(args.plot)
     requested = list(dict.fromkeys(args.backends)) if args.backends else None
@@ -259,11 +279,14 @@ def _run_bench(args) -> int:
                  f"({r.net_share:.2%} net of the block work the fused ops replace)" for r in shares]
     else:
         backends = requested or ["torch", "cpp"]
-        result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json)}
+        result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json,
+                                               model=args.model or "sd3")}
         labels, values = backends, [result["speedup"][b] for b in backends]
         (gh, gw), (sh, sw) = result["grids"]["sdtm"], result["grids"]["unmerged_equal_tokens"]
-        text = [f"SD3-shaped transformer (C=768, 2 blocks), {gh}x{gw} tokens, batch 2, 10 steps; "
-                f"MAC ratio {result['mac_ratio']:.3f}",
+        shape = result["transformer"]
+        text = [f"{shape['title']} (C={shape['channels']}, {shape['blocks']} blocks), {gh}x{gw} tokens + "
+                f"{shape['text_tokens']} text tokens, batch {shape['batch']}, {shape['steps']} steps, switch step "
+                f"{shape['switch_step']}; MAC ratio {result['mac_ratio']:.3f}",
                 f"  unmerged {result['seconds']['unmerged']:.2f} s"]
         text += [f"  {b:8} {result['seconds'][b]:.2f} s  speedup {result['speedup'][b]:.3f}  "
                  f"({result['realised_share'][b]:.1%} of the MAC ratio)" for b in backends]

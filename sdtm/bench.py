@@ -1,4 +1,5 @@
-"""Timing on this machine: the fused ops per backend, and an SD3-shaped transformer end to end.
+"""Timing on this machine: the fused ops per backend, and a transformer of each model family's shape (SD3,
+FLUX.1-dev, PixArt-Sigma; shrunk for the CPU) end to end.
 
 Rounds are interleaved across the variants compared and medians reported, so slow drifts of the machine
 hit every variant alike. Used by ``sdtm bench`` and by benchmarks/.
@@ -160,34 +161,188 @@ def sd3_shaped_transformer(num_layers: int = 2, heads: int = 12, sample_size: in
         num_attention_heads=heads, joint_attention_dim=4096, caption_projection_dim=heads * 64,
         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=sample_size // 2,
     )
-    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even for models such as this one
-    # that have no module to keep in float32.
+    return _cast(model, device, dtype)
+
+
+def flux_shaped_transformer(num_layers: int = 1, num_single_layers: int | None = None, heads: int = 6,
+                            seed: int = 0, device="cpu", dtype=torch.float32):
+    """FLUX.1-dev's widths (head width 128 with rotary axes 16 + 56 + 56, 16 latent channels packed 2x2 into
+    64, T5 context 4096 wide, pooled CLIP vector 768 wide, guidance embedding), ``num_layers``
+    double-stream blocks and ``num_single_layers`` single-stream ones (default twice as many, as in
+    FLUX.1-dev's 19 + 38), C = heads * 128, random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers,
+        num_single_layers=2 * num_layers if num_single_layers is None else num_single_layers,
+        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768,
+        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )
+    return _cast(model, device, dtype)
+
+
+def pixart_shaped_transformer(num_layers: int = 2, heads: int = 8, sample_size: int = 128, seed: int = 0,
+                              device="cpu", dtype=torch.float32):
+    """PixArt-Sigma's widths (head width 72, 4 latent channels with learned sigma: 8 out, patch 2, T5
+    captions 4096 wide, no resolution conditioning), fewer blocks and C = heads * 72, random weights.
+    ``sample_size`` (latent side of the default sin-cos table) is no limit: other sizes get their own."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=heads * 72, caption_channels=4096, sample_size=sample_size, patch_size=2,
+        norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=max(1, sample_size // 64),
+    )
+    return _cast(model, device, dtype)
+
+
+def _cast(model, device, dtype):
+    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even for models such as these that
+    # have no module to keep in float32.
     return torch.nn.Module.to(model, device=device, dtype=dtype).eval()
 
 
-class Denoiser:
-    """Runs a transformer over ``steps`` flow-matching steps on [batch, 16, h, w] random latents."""
+# The end-to-end models: the family's pipeline batch (classifier-free guidance doubles it; Flux.1-dev is
+# guidance-distilled) and text tokens, and the defaults of the shrunk transformer.
+E2E_MODELS = {
+    "sd3": dict(title="SD3-shaped transformer", batch=2, text_tokens=TEXT_TOKENS, num_layers=2, heads=12),
+    "flux": dict(title="FLUX.1-dev-shaped transformer", batch=1, text_tokens=512, num_layers=1, heads=6),
+    "pixart": dict(title="PixArt-Sigma-shaped transformer", batch=2, text_tokens=300, num_layers=2, heads=8),
+}
 
-    def __init__(self, transformer, latent_h: int, latent_w: int, steps: int = 10, batch: int = 2, seed: int = 0):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+
+def shaped_transformer(model: str, num_layers: int | None = None, heads: int | None = None, sample_size: int = 128,
+                       seed: int = 0, device="cpu", dtype=torch.float32):
+    """The shrunk transformer of ``model`` (a key of ``E2E_MODELS``): ``num_layers`` blocks (Flux:
+    double-stream blocks, plus twice as many single-stream ones), C = heads x the family's head width."""
+    if model not in E2E_MODELS:
+        raise ValueError(f"model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
+    spec = E2E_MODELS[model]
+    num_layers = spec["num_layers"] if num_layers is None else num_layers
+    heads = spec["heads"] if heads is None else heads
+    if model == "sd3":
+        return sd3_shaped_transformer(num_layers, heads, sample_size, seed, device, dtype)
+    if model == "flux":
+        return flux_shaped_transformer(num_layers, None, heads, seed, device, dtype)
+    return pixart_shaped_transformer(num_layers, heads, sample_size, seed, device, dtype)
+
+
+def mac_config(transformer) -> dict:
+    """The transformer's config as ``sdtm.macs.schedule_macs`` reads it: its keys and ``_class_name``."""
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    return {"_class_name": type(transformer).__name__, **config}
+
+
+def resolved_config(transformer, config: SDTMConfig, steps: int) -> SDTMConfig:
+    """``config`` with ``switch_step=None`` replaced by the family's default for ``steps`` steps, as
+    apply_sdtm resolves it during a generation (the MAC count needs the number)."""
+    from .models import adapter_for
+
+    return adapter_for(transformer).resolve_config(config, steps)
+
+
+class Denoiser:
+    """Runs a transformer over ``steps`` denoising steps on random latents of ``latent_h`` x ``latent_w``
+    (the VAE latent) with random prompt embeddings, called as its family's diffusers pipeline calls it:
+
+    - SD3: [batch, 16, h, w] latents, 333 text tokens and a pooled vector, a flow-matching Euler schedule
+      (shift 3);
+    - Flux.1: latents packed into (h/2)(w/2) tokens of 2x2 patches placed by ``img_ids``, ``timestep /
+      1000``, the distilled guidance 3.5 (models with a guidance embedding), 512 text tokens, FluxPipeline's
+      schedule (sigmas 1 .. 1/steps, shift from the image token count);
+    - PixArt: [batch, 4, h, w] latents, 300 text tokens with an all-ones mask, no resolution conditions,
+      DPM-Solver++ (the first half of the learned-sigma output is the noise prediction).
+
+    ``batch`` is the batch of every transformer call (2: classifier-free guidance's pair);
+    ``text_tokens`` None: the family's count above."""
+
+    def __init__(self, transformer, latent_h: int, latent_w: int, steps: int = 10, batch: int = 2, seed: int = 0,
+                 text_tokens: int | None = None):
+        from .models import adapter_for
 
         g = torch.Generator().manual_seed(seed)
         device, dtype = transformer.device, transformer.dtype
+        self.family = adapter_for(transformer).name
         self.transformer = transformer
-        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         self.steps = steps
-        self.latents = torch.randn(batch, 16, latent_h, latent_w, generator=g).to(device, dtype)
-        self.context = torch.randn(batch, TEXT_TOKENS, 4096, generator=g).to(device, dtype)
-        self.pooled = torch.randn(batch, 2048, generator=g).to(device, dtype)
+        self.text_tokens = E2E_MODELS[self.family]["text_tokens"] if text_tokens is None else text_tokens
+        config = transformer.config
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=g).to(device, dtype)
+
+        self.extra: dict = {}
+        if self.family == "flux":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            if latent_h % 2 or latent_w % 2:
+                raise ValueError(f"Flux packs 2x2 latent patches: the latent must have even sides, got "
+                                 f"{latent_h}x{latent_w}.")
+            rows, cols = latent_h // 2, latent_w // 2
+            self.scheduler = FlowMatchEulerDiscreteScheduler(
+                shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096)
+            self.latents = draw(batch, rows * cols, config.in_channels)
+            self.context = draw(batch, self.text_tokens, config.joint_attention_dim)
+            self.pooled = draw(batch, config.pooled_projection_dim)
+            img_ids = torch.zeros(rows, cols, 3)
+            img_ids[..., 1] += torch.arange(rows)[:, None]
+            img_ids[..., 2] += torch.arange(cols)[None, :]
+            self.extra = {"img_ids": img_ids.reshape(-1, 3).to(device, dtype),
+                          "txt_ids": torch.zeros(self.text_tokens, 3).to(device, dtype),
+                          "guidance": torch.full((batch,), 3.5, device=device, dtype=torch.float32)
+                          if config.guidance_embeds else None}
+            # FluxPipeline's schedule: the shift grows with the image token count.
+            self._mu = 0.5 + (1.15 - 0.5) * (rows * cols - 256) / (4096 - 256)
+        elif self.family == "pixart":
+            from diffusers import DPMSolverMultistepScheduler
+
+            self.scheduler = DPMSolverMultistepScheduler()
+            self.latents = draw(batch, config.in_channels, latent_h, latent_w)
+            self.context = draw(batch, self.text_tokens, config.caption_channels)
+            self.extra = {"encoder_attention_mask": torch.ones(batch, self.text_tokens, device=device),
+                          "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        else:
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+            self.latents = draw(batch, config.in_channels, latent_h, latent_w)
+            self.context = draw(batch, self.text_tokens, config.joint_attention_dim)
+            self.pooled = draw(batch, config.pooled_projection_dim)
+
+    def set_timesteps(self) -> torch.Tensor:
+        """Start a generation: the scheduler's timesteps for ``steps`` steps."""
+        device = self.latents.device
+        if self.family == "flux":
+            import numpy as np
+
+            sigmas = np.linspace(1.0, 1 / self.steps, self.steps)
+            self.scheduler.set_timesteps(self.steps, device=device, sigmas=sigmas, mu=self._mu)
+        else:
+            self.scheduler.set_timesteps(self.steps, device=device)
+        return self.scheduler.timesteps
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The transformer's prediction for latents ``x`` at timestep ``t``, in the scheduler's layout."""
+        batch = x.shape[0]
+        if self.family == "flux":
+            return self.transformer(hidden_states=x, timestep=t.expand(batch).to(x.dtype) / 1000,
+                                    encoder_hidden_states=self.context, pooled_projections=self.pooled,
+                                    return_dict=False, **self.extra)[0]
+        if self.family == "pixart":
+            out = self.transformer(hidden_states=x, timestep=t.expand(batch), encoder_hidden_states=self.context,
+                                   return_dict=False, **self.extra)[0]
+            return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
+        return self.transformer(hidden_states=x, timestep=t.expand(batch), encoder_hidden_states=self.context,
+                                pooled_projections=self.pooled, return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
-        self.scheduler.set_timesteps(self.steps, device=self.latents.device)
         x = self.latents
-        for t in self.scheduler.timesteps:
-            out = self.transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=self.context,
-                                   pooled_projections=self.pooled, return_dict=False)[0]
-            x = self.scheduler.step(out, t, x, return_dict=False)[0]
+        for t in self.set_timesteps():
+            x = self.scheduler.step(self.predict(x, t), t, x, return_dict=False)[0]
         return x
 
     def patch(self, config: SDTMConfig | None) -> "Denoiser":
@@ -200,16 +355,22 @@ class Denoiser:
 
 def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: bool = True,
               latent: tuple[int, int] = (128, 128), small_latent: tuple[int, int] = (80, 104),
-              num_layers: int = 2, heads: int = 12) -> dict:
-    """SD3-shaped transformer (C = heads * 64, ``num_layers`` blocks), batch 2: unmerged vs SDTM defaults
-    per backend on ``latent`` (with the MAC ratio), and SDTM at ratio 0.5 in every step vs the unpatched
-    model on ``small_latent``. The defaults (64 x 64 tokens -> 2080; 40 x 52 = 2080 tokens) compare
-    equal token counts."""
+              num_layers: int | None = None, heads: int | None = None, model: str = "sd3") -> dict:
+    """The shrunk transformer of ``model`` (``E2E_MODELS``: ``num_layers`` blocks, C = heads x the family's
+    head width; default SD3: 2 blocks, C = 768; Flux: 1 double-stream + 2 single-stream blocks, C = 768;
+    PixArt: 2 blocks, C = 576) at the family's batch and text tokens: unmerged vs SDTM defaults per backend
+    on ``latent`` (with the MAC ratio of the same schedule, switch step the family's default), and SDTM at
+    ratio 0.5 in every step vs the unpatched model on ``small_latent``. The defaults (64 x 64 tokens ->
+    2080; 40 x 52 = 2080 tokens) compare equal token counts."""
+    if model not in E2E_MODELS:
+        raise ValueError(f"--model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
     check_cpu_backends(backends)
-    transformer = sd3_shaped_transformer(num_layers=num_layers, heads=heads, sample_size=max(*latent, *small_latent))
+    spec = E2E_MODELS[model]
+    transformer = shaped_transformer(model, num_layers, heads, sample_size=max(*latent, *small_latent))
+    batch = spec["batch"]
 
     def patched(config, h=latent[0], w=latent[1]):
-        run = Denoiser(transformer, h, w, steps)
+        run = Denoiser(transformer, h, w, steps, batch=batch)
 
         def call():
             run.patch(config)
@@ -217,18 +378,27 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
 
         return call
 
+    # apply_SDTM's defaults: the family's switch step (SD3: the reference's 20).
+    default = SDTMConfig(switch_step=None)
     # Theoretical MACs on the meta device: FlopCounterMode misses CPU flash attention in a real run.
-    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    mac_ratio = schedule_macs(config, latent[0] * 8, latent[1] * 8, steps, batch=2, sdtm=SDTMConfig()).mac_ratio
+    report = schedule_macs(mac_config(transformer), latent[0] * 8, latent[1] * 8, steps, batch=batch,
+                           sdtm=resolved_config(transformer, default, steps), text_tokens=spec["text_tokens"])
+    mac_ratio = report.mac_ratio
     defaults = {"unmerged": patched(None)}
-    defaults.update({b: patched(SDTMConfig(backend=b)) for b in backends})
+    defaults.update({b: patched(default.replace(backend=b)) for b in backends})
     seconds = interleaved_medians(defaults, rounds, torch.device("cpu"), progress)
     overhead_runs = {"unmerged": patched(None, *small_latent)}
     overhead_runs.update({b: patched(SDTMConfig(backend=b, **ALL_STRUCTURE)) for b in backends})
     overhead = interleaved_medians(overhead_runs, rounds, torch.device("cpu"), progress)
     remove_sdtm(transformer)
+    blocks = len(sdtm_blocks(transformer))
     return {
+        "model": model,
+        "transformer": {"title": spec["title"], "blocks": blocks, "channels": transformer_channels(transformer),
+                        "batch": batch, "text_tokens": spec["text_tokens"], "steps": steps,
+                        "switch_step": resolved_config(transformer, default, steps).switch_step},
         "mac_ratio": mac_ratio,
+        "mac_grid": list(report.grid),
         "seconds": seconds,
         "speedup": {b: seconds["unmerged"] / seconds[b] for b in backends},
         "realised_share": {b: seconds["unmerged"] / seconds[b] / mac_ratio for b in backends},
@@ -237,6 +407,19 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
         "overhead_seconds": overhead,
         "overhead_added": {b: overhead[b] / overhead["unmerged"] - 1 for b in backends},
     }
+
+
+def sdtm_blocks(transformer) -> list:
+    """The blocks SDTM patches in ``transformer`` (every kind, in module order)."""
+    from .models import adapter_for
+
+    return adapter_for(transformer).blocks(transformer)
+
+
+def transformer_channels(transformer) -> int:
+    """The width C of the transformer's token streams."""
+    config = transformer.config
+    return config.num_attention_heads * config.attention_head_dim
 
 
 @dataclass

@@ -38,15 +38,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True) -> None:
+FAMILY_SWITCH_STEP_HELP = ("last structure-phase step (SSM); later steps are the detail phase (IDM) (default: the "
+                           "model family's: 20 for SD3 / SD3.5, the last step of the first 40%% of the steps for "
+                           "Flux and PixArt)")
+
+
+def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True,
+                     family_switch_step: bool = False) -> None:
     """Add one option per SDTMConfig field (--ratio, --use-rand/--no-use-rand, ...), --backend, and
-    (``with_disable``) --no-sdtm."""
+    (``with_disable``) --no-sdtm. ``family_switch_step``: --switch-step defaults to None, the model
+    family's default (``ModelAdapter.resolve_config``), instead of SDTMConfig's 20."""
     group = parser.add_argument_group("SDTM settings (defaults as apply_SDTM)")
     defaults = SDTMConfig()
     for field in dataclasses.fields(SDTMConfig):
         name, default = field.name, getattr(defaults, field.name)
         flag = "--" + name.replace("_", "-")
-        if name == "backend":
+        if name == "switch_step" and family_switch_step:
+            group.add_argument(flag, type=int, default=None, help=FAMILY_SWITCH_STEP_HELP)
+        elif name == "backend":
             group.add_argument(flag, choices=BACKENDS, default=default,
                                help="ops backend (default auto: cpp on CPU, triton on CUDA)")
         elif isinstance(default, bool):

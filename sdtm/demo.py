@@ -1,4 +1,5 @@
-"""The demonstration: a tiny SD3 pipeline built from config, generated with and without SDTM."""
+"""The demonstration: a tiny pipeline of one model family (SD3, Flux.1 or PixArt-Sigma) built from config,
+generated with and without SDTM."""
 
 from __future__ import annotations
 
@@ -6,86 +7,156 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
+from .bench import mac_config
 from .config import SDTMConfig
 from .macs import schedule_macs
 from .patch import apply_SDTM, remove_SDTM, sdtm_state
-from .tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
+from .tiny import (TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds,
+                   tiny_pipeline, tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds)
 
-# Large enough that the transformer dominates (2304 image tokens, 4 blocks of width 256), small enough
-# to finish in well under a minute on two CPU cores.
+# Large enough that the transformer dominates (2304 image tokens at the default 96 pixels, blocks of width
+# 256), small enough to finish in well under a minute on two CPU cores.
 DEMO_SPEC = TinySpec(num_layers=4, heads=4, head_dim=64, joint_attention_dim=64, pooled_projection_dim=32,
                      sample_size=96, text_tokens=16)
+# Flux.1-dev's proportions: twice as many single-stream as double-stream blocks; batch 1 (no CFG pair).
+DEMO_FLUX_SPEC = TinyFluxSpec(num_layers=2, num_single_layers=4, heads=4, head_dim=64, axes_dims_rope=(16, 24, 24),
+                              joint_attention_dim=64, pooled_projection_dim=32, text_tokens=16)
+# The sin-cos positional table is computed for any size; 48 latent pixels a side is the demo's default.
+DEMO_PIXART_SPEC = TinyPixArtSpec(num_layers=4, heads=4, head_dim=64, caption_channels=64, sample_size=48,
+                                  text_tokens=16)
 
 
-def _generate(pipe, spec: TinySpec, size: int, steps: int, seed: int, output_type: str = "latent"):
+@dataclass(frozen=True)
+class DemoModel:
+    """One family in the demo: its tiny spec, pipeline builder, call arguments and CFG batch."""
+
+    title: str
+    spec: Any
+    build: Callable[[Any], Any]
+    call_kwargs: Callable[[Any], dict]  # spec -> the pipeline's keyword arguments besides size, steps, seed
+    batch: int  # the batch of every transformer call
+    max_size: int | None  # the largest image side the positional table covers (None: any)
+
+
+def _sd3_kwargs(spec) -> dict:
+    return {**tiny_prompt_embeds(spec, batch=1), "guidance_scale": 4.0}
+
+
+def _flux_kwargs(spec) -> dict:
+    # Guidance-distilled: the guidance is an input of the transformer, no negative prompt, one pass.
+    return {**tiny_flux_prompt_embeds(spec, batch=1), "guidance_scale": 3.5}
+
+
+def _pixart_kwargs(spec) -> dict:
+    # The embeddings are given, so no negative prompt text; the tiny model's sample size has no
+    # aspect-ratio bins, and the demo generates at exactly --size anyway.
+    return {**tiny_pixart_prompt_embeds(spec, batch=1), "guidance_scale": 4.5, "negative_prompt": None,
+            "use_resolution_binning": False}
+
+
+DEMO_MODELS = {
+    # The demo's VAE does not down-sample: one SD3 token is patch_size x patch_size pixels.
+    "sd3": DemoModel("tiny SD3 pipeline", DEMO_SPEC, tiny_pipeline, _sd3_kwargs, 2,
+                     DEMO_SPEC.sample_size // DEMO_SPEC.patch_size * DEMO_SPEC.patch_size),
+    "flux": DemoModel("tiny Flux.1 pipeline", DEMO_FLUX_SPEC, tiny_flux_pipeline, _flux_kwargs, 1, None),
+    "pixart": DemoModel("tiny PixArt-Sigma pipeline", DEMO_PIXART_SPEC, tiny_pixart_pipeline, _pixart_kwargs, 2,
+                        None),
+}
+
+
+def _generate(pipe, demo: DemoModel, size: int, steps: int, seed: int, output_type: str = "latent"):
     return pipe(
-        **tiny_prompt_embeds(spec, batch=1),
+        **demo.call_kwargs(demo.spec),
         height=size,
         width=size,
         num_inference_steps=steps,
-        guidance_scale=4.0,
         output_type=output_type,
         generator=torch.Generator().manual_seed(seed),
     ).images
 
 
-def _timed(pipe, spec, size, steps, repeats) -> tuple[list[float], torch.Tensor]:
+def _timed(pipe, demo, size, steps, repeats) -> tuple[list[float], torch.Tensor]:
     times = []
     out = None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = _generate(pipe, spec, size, steps, seed=0)
+        out = _generate(pipe, demo, size, steps, seed=0)
         times.append(time.perf_counter() - start)
     return times, out
 
 
-def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int):
-    """Theoretical MACs on the meta device (FlopCounterMode does not see CPU flash attention in a real run)."""
-    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
-    return schedule_macs(config, size, size, steps, batch=2, sdtm=SDTMConfig(**settings), text_tokens=text_tokens,
-                         vae_scale=pipe.vae_scale_factor)
+def demo_settings(model: str, steps: int, backend: str) -> dict:
+    """apply_SDTM's settings in the demo: SD3 switches phase at step 20 of 50 in proportion (so both
+    phases show at a few steps); Flux and PixArt take their family's default (None: the first 40% of the
+    steps)."""
+    switch_step = round(steps * 20 / 50) if model == "sd3" else None
+    return {"backend": backend, "switch_step": switch_step}
+
+
+def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, batch: int):
+    """Theoretical MACs on the meta device (FlopCounterMode does not see CPU flash attention in a real run),
+    with the switch step resolved as the generation resolved it."""
+    from .models import adapter_for
+
+    config = adapter_for(pipe.transformer).resolve_config(SDTMConfig(**settings), steps)
+    return schedule_macs(mac_config(pipe.transformer), size, size, steps, batch=batch, sdtm=config,
+                         text_tokens=text_tokens, vae_scale=pipe.vae_scale_factor)
 
 
 def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto", out: str | None = ".",
-             print_fn=print) -> dict:
-    """Generate on the tiny pipeline without and with SDTM; print latency, MACs and tokens per phase, and
-    (``out`` not None) write ``out/sdtm_demo.png``: both images side by side and the tokens per step.
+             print_fn=print, model: str = "sd3") -> dict:
+    """Generate on the tiny pipeline of ``model`` (sd3, flux or pixart) without and with SDTM; print
+    latency, MACs and tokens per phase, and (``out`` not None) write ``out/sdtm_demo.png``: both images
+    side by side and the tokens per step.
 
-    ``size`` is the image side in pixels (the demo's VAE does not down-sample, so the latent grid is
-    size/2 x size/2 tokens). Returns the numbers it printed.
+    ``size`` is the image side in pixels (the demo's VAE does not down-sample, so the token grid is
+    size/2 x size/2: SD3 and PixArt patches of 2 x 2 latent pixels, Flux's packed 2 x 2 patches).
+    Returns the numbers it printed.
     """
+    if model not in DEMO_MODELS:
+        raise ValueError(f"--model must be one of {', '.join(DEMO_MODELS)}, got {model!r}.")
     if out is not None and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is not a folder.")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    spec = DEMO_SPEC
-    pipe = tiny_pipeline(spec)
-    # The reference switches phase at step 20 of 50; keep that proportion so both phases show.
-    settings = {"backend": backend, "switch_step": round(steps * 20 / 50)}
-    print_fn(f"tiny SD3 pipeline: {spec.num_layers} blocks, C={spec.channels}, {(size // 2) ** 2} image tokens, "
-             f"batch 2 (CFG), {steps} steps, {torch.get_num_threads()} threads")
-    print_fn(f"SDTM: defaults with switch_step={settings['switch_step']}, backend={backend}")
-    _generate(pipe, spec, size, 2, seed=0)  # warm-up
+    demo = DEMO_MODELS[model]
+    spec = demo.spec
+    pipe = demo.build(spec)
+    settings = demo_settings(model, steps, backend)
+    blocks = (f"{spec.num_layers} double-stream + {spec.num_single_layers} single-stream blocks" if model == "flux"
+              else f"{spec.num_layers} blocks")
+    batch = "batch 2 (CFG)" if demo.batch == 2 else "batch 1 (guidance-distilled, no CFG)"
+    print_fn(f"{demo.title}: {blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, "
+             f"{steps} steps, {torch.get_num_threads()} threads")
+    from .models import adapter_for
+
+    switch_step = adapter_for(pipe.transformer).resolve_config(SDTMConfig(**settings), steps).switch_step
+    family_default = " (the family's default)" if settings["switch_step"] is None else ""
+    print_fn(f"SDTM: defaults with switch_step={switch_step}{family_default}, backend={backend}")
+    _generate(pipe, demo, size, 2, seed=0)  # warm-up
 
     baseline_times, sdtm_times = [], []
     for _ in tqdm(range(repeats), desc="timing (interleaved)", leave=False):
         remove_SDTM(pipe)
-        baseline_times += _timed(pipe, spec, size, steps, 1)[0]
+        baseline_times += _timed(pipe, demo, size, steps, 1)[0]
         apply_SDTM(pipe, **settings)
-        sdtm_times += _timed(pipe, spec, size, steps, 1)[0]
+        sdtm_times += _timed(pipe, demo, size, steps, 1)[0]
     remove_SDTM(pipe)
-    baseline_out = _generate(pipe, spec, size, steps, seed=0)
-    baseline_image = _generate(pipe, spec, size, steps, seed=0, output_type="pil")[0]
+    baseline_out = _generate(pipe, demo, size, steps, seed=0)
+    baseline_image = _generate(pipe, demo, size, steps, seed=0, output_type="pil")[0]
     apply_SDTM(pipe, **settings)
-    sdtm_out = _generate(pipe, spec, size, steps, seed=0)
-    sdtm_image = _generate(pipe, spec, size, steps, seed=0, output_type="pil")[0]
+    sdtm_out = _generate(pipe, demo, size, steps, seed=0)
+    sdtm_image = _generate(pipe, demo, size, steps, seed=0, output_type="pil")[0]
     records = list(sdtm_state(pipe).records)
-    report = _mac_report(pipe, size, steps, settings, spec.text_tokens)
+    grid = sdtm_state(pipe).grid
+    report = _mac_report(pipe, size, steps, settings, spec.text_tokens, demo.batch)
     baseline_macs, sdtm_macs = report.baseline_macs, report.sdtm_macs
     remove_SDTM(pipe)
 
@@ -114,13 +185,15 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
     png = None
     if out is not None:
         png = os.path.join(out, "sdtm_demo.png")
-        _plot(baseline_image, sdtm_image, records, steps, speedup, mac_ratio, png)
+        _plot(baseline_image, sdtm_image, records, steps, speedup, mac_ratio, png, demo.title)
         print_fn(f"\nwrote {png}")
-    return {"png": png, "baseline_s": base_s, "sdtm_s": sdtm_s, "speedup": speedup, "mac_ratio": mac_ratio,
-            "baseline_macs": baseline_macs, "sdtm_macs": sdtm_macs, "relative_change": difference}
+    return {"model": model, "png": png, "baseline_s": base_s, "sdtm_s": sdtm_s, "speedup": speedup, "mac_ratio": mac_ratio,
+            "baseline_macs": baseline_macs, "sdtm_macs": sdtm_macs, "relative_change": difference,
+            "switch_step": switch_step, "grid": [grid.height, grid.width], "mac_grid": list(report.grid)}
 
 
-def _plot(baseline_image, sdtm_image, records, steps: int, speedup: float, mac_ratio: float, path: str) -> None:
+def _plot(baseline_image, sdtm_image, records, steps: int, speedup: float, mac_ratio: float, path: str,
+          title: str = "tiny SD3 pipeline") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +216,7 @@ def _plot(baseline_image, sdtm_image, records, steps: int, speedup: float, mac_r
     axes[2].set_ylabel("image tokens per block (mean)")
     axes[2].set_xlim(0, steps - 1)
     axes[2].legend()
-    fig.suptitle("tiny SD3 pipeline with random weights: the images show noise-like structure, not content")
+    fig.suptitle(f"{title} with random weights: the images show noise-like structure, not content")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,10 +1,30 @@
-"""``sdtm generate``: images from a local diffusers SD3 / SD3.5 folder, with or without SDTM.
+"""``sdtm generate``: images from a local diffusers folder (SD3 / SD3.5, Flux.1, PixArt-Sigma / alpha),
+with or without SDTM.
+
+The pipeline class is the one ``model_index.json`` names: ``StableDiffusion3Pipeline``, ``FluxPipeline``,
+``PixArtSigmaPipeline`` or ``PixArtAlphaPipeline`` (``PIPELINES``); the folder must hold the text
+encoders and tokenizers that turn the prompts into embeddings. Per family:
+
+- SD3 / SD3.5: classifier-free guidance with an empty negative prompt; ``--guidance`` default 7.0;
+- Flux.1: guidance-distilled: no negative prompt and one transformer pass per step; ``--guidance``
+  (default 3.5) is the distilled guidance the transformer is conditioned on; a model without a guidance
+  embedding (FLUX.1-schnell) takes no ``--guidance`` and records ``guidance`` null;
+- PixArt: classifier-free guidance with an empty negative prompt (default 4.5); generated at exactly
+  ``--height`` x ``--width`` (diffusers' aspect-ratio binning is off: the size checked, recorded and
+  merged over is the one the transformer sees, as for the other families) and the prompt goes to T5 as
+  written (caption cleaning is off, so the images do not depend on whether the optional bs4 / ftfy
+  packages are installed).
+
+Sizes must be multiples of the VAE factor times the patch size (SD3 and PixArt: 8 x 2) or, for Flux,
+the VAE factor times 2 (its 2x2 packing); SD3's token grid must fit its positional table. The SDTM
+switch step defaults to the family's (``ModelAdapter.resolve_config``: 20 for SD3, the first 40% of the
+steps for Flux and PixArt), recorded as a number in the manifest.
 
 One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, see ``sdtm.prompts``), and
 ``OUT/manifest.json`` (strict JSON: no NaN or Infinity)::
 
-    {"settings": {"model", "prompts", "steps", "height", "width", "guidance", "batch_size", "seed",
-                  "dtype", "device", "world_size", "sdtm": {...} or null},
+    {"settings": {"model", "pipeline", "prompts", "steps", "height", "width", "guidance", "batch_size",
+                  "seed", "dtype", "device", "world_size", "sdtm": {...} or null},
      "images": [{"index", "id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...],
      "other_images": [{"id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...]}
 
@@ -68,43 +88,102 @@ _RECORD_LISTS = ("images", "other_images")
 _QUOTED_PROMPT_LENGTH = 40
 
 
+@dataclass(frozen=True)
+class Family:
+    """What ``generate`` needs to know of one pipeline family.
+
+    name: the SDTM adapter's name (sdtm.models). transformer_classes: the transformer classes its
+    folders name. text_components: the components the prompts need (model_index.json must list them).
+    default_guidance: ``--guidance`` when not given. packing: tokens are the pipeline's 2x2 packing of
+    latent pixels (Flux), not the transformer's patches."""
+
+    name: str
+    transformer_classes: tuple[str, ...]
+    text_components: tuple[str, ...]
+    default_guidance: float
+    packing: bool = False
+
+
+_SD3 = Family("sd3", ("SD3Transformer2DModel",), ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), 7.0)
+_FLUX = Family("flux", ("FluxTransformer2DModel",), ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
+               3.5, packing=True)
+# Older PixArt folders name the transformer Transformer2DModel (norm_type ada_norm_single); diffusers loads
+# it as a PixArtTransformer2DModel.
+_PIXART = Family("pixart", ("PixArtTransformer2DModel", "Transformer2DModel"), ("tokenizer", "text_encoder"), 4.5)
+PIPELINES = {"StableDiffusion3Pipeline": _SD3, "FluxPipeline": _FLUX, "PixArtSigmaPipeline": _PIXART,
+             "PixArtAlphaPipeline": _PIXART}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a diffusers folder's config files say, read before loading it.
+
+    pipeline: the pipeline class (model_index.json). vae_scale: the VAE's down-sampling factor.
+    patch_size: latent pixels a token spans on each side (Flux: 2, its packing). max_grid: the positional
+    table's side in tokens (None: any size). guidance_embeds: Flux only, whether the transformer takes
+    the distilled guidance."""
+
+    pipeline: str
+    family: Family
+    vae_scale: int
+    patch_size: int
+    max_grid: int | None
+    guidance_embeds: bool | None = None
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``generate`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns it."""
     parser = subparsers.add_parser(
-        "generate", help="generate images from a local SD3 / SD3.5 diffusers folder (resumable, torchrun)",
-        description="Loads a local diffusers SD3 / SD3.5 folder offline, writes one PNG per prompt and "
-                    "OUT/manifest.json, skips prompts whose PNG exists, and shards the prompts across "
-                    "torchrun processes. Image i of the prompt list uses seed --seed + i.")
+        "generate", help="generate images from a local SD3 / SD3.5, Flux.1 or PixArt diffusers folder "
+                         "(resumable, torchrun)",
+        description=DESCRIPTION)
     configure_parser(parser)
     return parser
 
 
+DESCRIPTION = (
+    "Loads a local diffusers folder offline with the pipeline class its model_index.json names "
+    "(StableDiffusion3Pipeline, FluxPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline; text encoders "
+    "included), writes one PNG per prompt and OUT/manifest.json, skips prompts whose PNG exists, and shards "
+    "the prompts across torchrun processes. Image i of the prompt list uses seed --seed + i. SD3 and PixArt "
+    "run classifier-free guidance with an empty negative prompt. Flux.1 is guidance-distilled: no negative "
+    "prompt, --guidance is the guidance the transformer is conditioned on (one pass per step). PixArt "
+    "generates at exactly --height x --width (diffusers' aspect-ratio binning off) and passes the prompt "
+    "to T5 as written (caption cleaning off).")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``generate`` to ``parser``."""
-    parser.add_argument("--model", required=True, metavar="DIR", help="local diffusers SD3 / SD3.5 folder")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="local diffusers folder of a StableDiffusion3Pipeline, FluxPipeline, "
+                             "PixArtSigmaPipeline or PixArtAlphaPipeline (the class its model_index.json "
+                             "names), with its text encoders")
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt (id 00000); or use --prompts")
     parser.add_argument("--prompts", metavar="FILE",
                         help=".txt (one prompt a line), .json (list of strings or objects, COCO captions) or "
                              ".jsonl (one object a line); objects: caption/prompt/text and image_id/id")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
-    parser.add_argument("--height", type=positive_int, default=1024, help="pixels (default 1024)")
-    parser.add_argument("--width", type=positive_int, default=1024, help="pixels (default 1024)")
+    parser.add_argument("--height", type=positive_int, default=1024,
+                        help="pixels, a multiple of the VAE factor x the patch size (SD3, PixArt) or x 2 "
+                             "(Flux's 2x2 packing): 16 for the released models (default 1024)")
+    parser.add_argument("--width", type=positive_int, default=1024, help="pixels, as --height (default 1024)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts per pipeline call (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="image i of the prompt list uses seed + i (default 0)")
-    parser.add_argument("--guidance", type=float, default=7.0,
-                        help="classifier-free guidance scale, finite and >= 0; <= 1 switches guidance off "
-                             "(default 7.0)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="finite and >= 0. SD3, PixArt: the classifier-free guidance scale, <= 1 switches "
+                             "guidance off (default 7.0 SD3, 4.5 PixArt). Flux: the distilled guidance the "
+                             "transformer is conditioned on (default 3.5); not accepted by a Flux model "
+                             "without a guidance embedding (FLUX.1-schnell)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="model dtype (default float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    add_sdtm_options(parser)
+    add_sdtm_options(parser, family_switch_step=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sdtm.generate ...``: the same options as ``sdtm generate``."""
-    parser = argparse.ArgumentParser(prog="python -m sdtm.generate",
-                                     description="sdtm generate: images from a local SD3 / SD3.5 diffusers folder.")
+    parser = argparse.ArgumentParser(prog="python -m sdtm.generate", description="sdtm generate: " + DESCRIPTION)
     configure_parser(parser)
     return run(parser.parse_args(argv))
 
@@ -136,6 +215,7 @@ class Job:
     """Validated settings of one run."""
 
     model: str
+    pipeline: str
     prompts_file: str | None
     prompts: list[Prompt]
     out: str
@@ -144,11 +224,15 @@ class Job:
     width: int
     batch_size: int
     seed: int
-    guidance: float
+    guidance: float | None
     dtype: torch.dtype
     device: torch.device
     sdtm: SDTMConfig | None
     ranks: Ranks
+
+    @property
+    def family(self) -> Family:
+        return PIPELINES[self.pipeline]
 
     def path(self, index: int) -> str:
         return os.path.join(self.out, self.file(index))
@@ -158,7 +242,7 @@ class Job:
 
     def settings(self) -> dict:
         return {
-            "model": self.model, "prompts": self.prompts_file, "steps": self.steps, "height": self.height,
+            "model": self.model, "pipeline": self.pipeline, "prompts": self.prompts_file, "steps": self.steps, "height": self.height,
             "width": self.width, "guidance": self.guidance, "batch_size": self.batch_size, "seed": self.seed,
             "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "world_size": self.ranks.world_size,
@@ -253,18 +337,18 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     """Check every argument and file that can be checked without loading the model; raises ValueError."""
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT and --prompts FILE.")
-    vae_scale, patch_size, max_grid = model_geometry(args.model)
-    check_size(args.height, args.width, vae_scale, patch_size, max_grid)
+    info = model_info(args.model)
+    check_size(args.height, args.width, info.vae_scale, info.patch_size, info.max_grid, packing=info.family.packing)
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-    if not math.isfinite(args.guidance) or args.guidance < 0:
-        raise ValueError(f"--guidance must be a finite number >= 0 (values <= 1 switch guidance off), "
-                         f"got {args.guidance}.")
+    guidance = resolve_guidance(args.guidance, info)
     prompts = single_prompt(args.prompt) if args.prompt is not None else load_prompts(args.prompts)
     if args.seed < 0 or args.seed + len(prompts) > 2**63:
         raise ValueError(f"--seed must lie in [0, 2**63 - {len(prompts)}] for {len(prompts)} prompts, got {args.seed}.")
     sdtm = sdtm_from_args(args)
+    if sdtm is not None:
+        sdtm = resolve_switch_step(sdtm, info, args.steps)
     device = resolve_device(args.device, ranks)
     if sdtm is not None:
         from .ops import ops_for
@@ -276,10 +360,10 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     for option in ("model", "prompts", "out"):
         _check_utf8_path(option, getattr(args, option))
     out = prepare_output_folder(args.out)
-    job = Job(model=os.path.abspath(args.model), prompts_file=args.prompts and os.path.abspath(args.prompts),
-              prompts=prompts, out=out, steps=args.steps, height=args.height, width=args.width,
-              batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, dtype=dtype, device=device,
-              sdtm=sdtm, ranks=ranks)
+    job = Job(model=os.path.abspath(args.model), pipeline=info.pipeline,
+              prompts_file=args.prompts and os.path.abspath(args.prompts), prompts=prompts, out=out,
+              steps=args.steps, height=args.height, width=args.width, batch_size=args.batch_size, seed=args.seed,
+              guidance=guidance, dtype=dtype, device=device, sdtm=sdtm, ranks=ranks)
     try:
         manifest_bytes(job, {})
     except ValueError as error:  # a backstop: the checks above should leave nothing unwritable
@@ -287,13 +371,40 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     return job
 
 
+def resolve_guidance(given: float | None, info: ModelInfo) -> float | None:
+    """The guidance of the pipeline call: ``given`` or the family's default; None for a Flux model without
+    a guidance embedding (which takes none). Raises ValueError for a value that is not finite or negative,
+    and for a guidance given to a model that would ignore it."""
+    if info.family is _FLUX and not info.guidance_embeds:
+        if given is not None:
+            raise ValueError(f"--guidance: this {info.pipeline} has no guidance embedding (transformer/config.json "
+                             "guidance_embeds is false, as in FLUX.1-schnell), so it takes no guidance; drop "
+                             "--guidance.")
+        return None
+    value = info.family.default_guidance if given is None else given
+    if not math.isfinite(value) or value < 0:
+        if info.family is _FLUX:
+            raise ValueError(f"--guidance (Flux's distilled guidance) must be a finite number >= 0, got {value}.")
+        raise ValueError(f"--guidance must be a finite number >= 0 (values <= 1 switch guidance off), got {value}.")
+    return value
+
+
+def resolve_switch_step(sdtm: SDTMConfig, info: ModelInfo, steps: int) -> SDTMConfig:
+    """``sdtm`` with ``switch_step=None`` replaced by the family's default for ``steps`` steps (as
+    apply_sdtm would resolve it), so that the manifest records the number."""
+    from .models import ADAPTERS
+
+    adapter = next(a for a in ADAPTERS if a.name == info.family.name)
+    return adapter.resolve_config(sdtm, steps)
+
+
 def sdtm_from_args(args: argparse.Namespace) -> SDTMConfig | None:
-    """The SDTM settings (None with --no-sdtm); raises ValueError on a bad value, on a number that is not
-    finite (it could not be recorded in the manifest), and on SDTM options given with --no-sdtm (they
-    would be ignored)."""
+    """The SDTM settings (None with --no-sdtm; ``switch_step`` None: the family's default, see
+    ``resolve_switch_step``); raises ValueError on a bad value, on a number that is not finite (it could
+    not be recorded in the manifest), and on SDTM options given with --no-sdtm (they would be ignored)."""
     fields = dataclasses.fields(SDTMConfig)
     if getattr(args, "no_sdtm", False):
-        defaults = SDTMConfig()
+        defaults = SDTMConfig(switch_step=None)  # generate's --switch-step defaults to the family's (None)
         given = [_flag(f.name) for f in fields if getattr(args, f.name, getattr(defaults, f.name))
                  != getattr(defaults, f.name)]
         if given:
@@ -349,30 +460,67 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def model_geometry(model: str) -> tuple[int, int, int | None]:
-    """(VAE down-sampling factor, transformer patch size, positional table side in tokens or None) of a
-    diffusers SD3 folder, read from its config files."""
+def model_info(model: str) -> ModelInfo:
+    """The pipeline class and geometry of the diffusers folder ``model``, from its config files; raises
+    ValueError for a folder that is not a supported pipeline, lacks the text encoders the prompts need,
+    or whose transformer does not belong to its pipeline."""
     if not os.path.isdir(model):
         raise ValueError(f"--model folder {model!r} does not exist.")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
         raise ValueError(f"--model {model!r} is not a diffusers pipeline folder (no model_index.json).")
+    index = _read_json_object(os.path.join(model, "model_index.json"))
+    pipeline = index.get("_class_name")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"--model {model!r}: model_index.json names the pipeline {pipeline!r}; sdtm generate loads "
+                         f"{', '.join(PIPELINES)} folders.")
+    family = PIPELINES[pipeline]
+    for name in ("transformer", "vae", *family.text_components):
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+            what = ("sdtm generate turns the prompts into embeddings with the pipeline's text encoders"
+                    if name in family.text_components else "the pipeline needs it")
+            raise ValueError(f"--model {model!r}: model_index.json lists no {name} (got {json.dumps(entry)}); "
+                             f"{what}, so use a folder that has it.")
     vae = _read_json_object(os.path.join(model, "vae", "config.json"))
     transformer = _read_json_object(os.path.join(model, "transformer", "config.json"))
+    transformer_class = transformer.get("_class_name")
+    if transformer_class not in family.transformer_classes or (
+            transformer_class == "Transformer2DModel" and transformer.get("norm_type") != "ada_norm_single"):
+        raise ValueError(f"--model {model!r}: transformer/config.json names {transformer_class!r}, not the "
+                         f"{' or '.join(family.transformer_classes[:1])} of a {pipeline}.")
     channels, patch_size = vae.get("block_out_channels"), transformer.get("patch_size")
-    max_grid = transformer.get("pos_embed_max_size")
     if not isinstance(channels, list) or not channels or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"--model {model!r}: vae/config.json needs block_out_channels and transformer/config.json "
-                         "a patch_size; is this an SD3 / SD3.5 folder?")
-    return 2 ** (len(channels) - 1), patch_size, max_grid if isinstance(max_grid, int) else None
+                         f"a patch_size, as a {pipeline} folder has.")
+    vae_scale = 2 ** (len(channels) - 1)
+    if family is _FLUX:
+        # FluxPipeline packs 2x2 latent pixels into one token whatever the transformer's patch size (1);
+        # rotary positions cover any grid.
+        return ModelInfo(pipeline, family, vae_scale, 2, None, bool(transformer.get("guidance_embeds", False)))
+    if family is _PIXART:
+        # PixArt computes its sin-cos table for each input size: no largest grid.
+        return ModelInfo(pipeline, family, vae_scale, patch_size, None)
+    max_grid = transformer.get("pos_embed_max_size")
+    return ModelInfo(pipeline, family, vae_scale, patch_size, max_grid if isinstance(max_grid, int) else None)
 
 
-def check_size(height: int, width: int, vae_scale: int, patch_size: int, max_grid: int | None) -> None:
+def model_geometry(model: str) -> tuple[int, int, int | None]:
+    """(VAE down-sampling factor, latent pixels a token spans on each side, positional table side in
+    tokens or None) of a supported diffusers folder (see ``model_info``)."""
+    info = model_info(model)
+    return info.vae_scale, info.patch_size, info.max_grid
+
+
+def check_size(height: int, width: int, vae_scale: int, patch_size: int, max_grid: int | None,
+               packing: bool = False) -> None:
     """Height and width must be positive multiples of vae_scale * patch_size whose token grid fits the
-    positional table (``max_grid`` tokens a side)."""
+    positional table (``max_grid`` tokens a side). ``packing``: the tokens are 2x2 packed latent pixels
+    (Flux; ``patch_size`` 2), said so in the message."""
     multiple = vae_scale * patch_size
+    token = "2x2 packing" if packing else f"patch {patch_size}"
     if height < 1 or width < 1 or height % multiple or width % multiple:
         raise ValueError(f"--height and --width must be positive multiples of {multiple} for this model "
-                         f"(VAE factor {vae_scale} x patch {patch_size}), got {height}x{width}.")
+                         f"(VAE factor {vae_scale} x {token}), got {height}x{width}.")
     grid_h, grid_w = height // multiple, width // multiple
     if max_grid is not None and max(grid_h, grid_w) > max_grid:
         raise ValueError(f"{height}x{width} needs a {grid_h}x{grid_w} token grid but the model's positional table "
@@ -407,9 +555,9 @@ def resolve_device(requested: str | None, ranks: Ranks) -> torch.device:
 
 
 def load_pipeline(job: Job) -> Any:
-    """The StableDiffusion3Pipeline of ``job.model`` (local files only) on ``job.device`` in ``job.dtype``,
-    with SDTM applied unless ``job.sdtm`` is None."""
-    from diffusers import StableDiffusion3Pipeline
+    """The pipeline of ``job.model`` (class ``job.pipeline``, local files only) on ``job.device`` in
+    ``job.dtype``, with SDTM applied unless ``job.sdtm`` is None."""
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
 
     from .patch import apply_sdtm
@@ -419,10 +567,15 @@ def load_pipeline(job: Job) -> Any:
     with warnings.catch_warnings():
         # Newer diffusers prefer ``dtype=``; older ones only know ``torch_dtype=``.
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipeline_class = getattr(diffusers, job.pipeline)
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(job.model, torch_dtype=job.dtype, local_files_only=True)
+            pipe = pipeline_class.from_pretrained(job.model, torch_dtype=job.dtype, local_files_only=True)
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot load a StableDiffusion3Pipeline from {job.model!r}: {error}") from None
+            raise ValueError(f"cannot load a {job.pipeline} from {job.model!r}: {error}") from None
+    missing = [name for name in job.family.text_components if getattr(pipe, name, None) is None]
+    if missing:
+        raise ValueError(f"the {job.pipeline} loaded from {job.model!r} has no {', '.join(missing)}; sdtm generate "
+                         "needs the text encoders to embed the prompts.")
     cast_components(pipe, job.dtype)
     # float16 runs on the CPU with this torch (the tests generate with it); no need for diffusers' warning.
     pipe.to(job.device, silence_dtype_warnings=True)
@@ -594,13 +747,24 @@ def _generate(job: Job, pipe: Any, pending: list[int]) -> Iterator[dict[int, dic
         generators = [torch.Generator(job.device).manual_seed(seed) for seed in seeds]
         start = time.perf_counter()
         images = pipe(prompt=[job.prompts[i].text for i in batch], num_inference_steps=job.steps,
-                      height=job.height, width=job.width, guidance_scale=job.guidance, generator=generators).images
+                      height=job.height, width=job.width, generator=generators, **pipeline_kwargs(job)).images
         seconds = (time.perf_counter() - start) / len(batch)
         records = {}
         for index, image in zip(batch, images):
             write_atomically(job.path(index), lambda f, image=image: image.save(f, format="PNG"))
             records[index] = job.record(index, seconds)
         yield records
+
+
+def pipeline_kwargs(job: Job) -> dict:
+    """The family's arguments of a pipeline call besides prompts, size, steps and generators: the
+    guidance (Flux: the distilled guidance, none for a model without a guidance embedding; no negative
+    prompt is passed to any family, so Flux runs no true CFG); PixArt: no aspect-ratio binning (the
+    image is generated at the size asked for) and no caption cleaning (the prompt goes to T5 as written)."""
+    kwargs: dict[str, Any] = {} if job.guidance is None else {"guidance_scale": job.guidance}
+    if job.family is _PIXART:
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    return kwargs
 
 
 def check_existing_images(job: Job, previous: dict) -> None:

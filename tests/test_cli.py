@@ -122,6 +122,9 @@ def test_macs_presets_and_plot(capsys, tmp_path):
         (["macs", "--config", "sd3-medium", "--plot", "macs.unknown"], "must end in an image extension"),
         (["macs", "--config", "sd3-medium", "--plot", "/"], "is a folder"),
         (["bench", "kernels", "--plot", "/nonexistent/folder/bench.png"], "does not exist"),
+        (["bench", "block", "--model", "flux"], "--model: an option of `sdtm bench e2e` only"),
+        (["bench", "e2e", "--model", "sdxl"], "invalid choice"),
+        (["demo", "--model", "sdxl"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
@@ -212,8 +215,9 @@ def test_bench_unavailable_backend_is_the_only_line(monkeypatch, capfd, diffuser
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     original = bench.bench_e2e
-    monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress: original(
-        backends, rounds=1, steps=2, progress=False, latent=(16, 16), small_latent=(8, 16), num_layers=1, heads=1))
+    monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress, model: original(
+        backends, rounds=1, steps=2, progress=False, latent=(16, 16), small_latent=(8, 16), num_layers=1, heads=1,
+        model=model))
     assert main(["bench", "e2e", "--backends", "triton"]) == 2
     out, err = capfd.readouterr()
     assert out == "" and err.startswith("sdtm bench: backend='triton' is not available") and len(err.splitlines()) == 1
@@ -287,12 +291,14 @@ def test_bench_e2e_small(monkeypatch, capsys):
     from sdtm import bench
 
     original = bench.bench_e2e
-    monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress: original(
+    monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress, model: original(
         backends, rounds=1, steps=3, progress=False, latent=(32, 32), small_latent=(20, 32), num_layers=1,
-        heads=2))
+        heads=2, model=model))
     assert main(["bench", "e2e", "--json", "--backends", "torch"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["mac_ratio"] > 1.0
     assert set(result["seconds"]) == set(result["overhead_seconds"]) == {"unmerged", "torch"}
     assert result["grids"] == {"sdtm": [16, 16], "unmerged_equal_tokens": [10, 16]}
     assert result["speedup"]["torch"] == pytest.approx(result["seconds"]["unmerged"] / result["seconds"]["torch"])
+    assert result["model"] == "sd3" and result["mac_grid"] == [16, 16]
+    assert result["transformer"]["batch"] == 2 and result["transformer"]["switch_step"] == 20

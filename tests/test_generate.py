@@ -109,6 +109,8 @@ def test_txt_prompts_give_one_png_each_and_a_manifest(model, tmp_path):
     assert (settings["steps"], settings["height"], settings["width"], settings["guidance"]) == (3, SIZE, SIZE, 4.0)
     assert (settings["dtype"], settings["device"], settings["world_size"]) == ("float32", "cpu", 1)
     assert settings["model"] == os.path.abspath(model) and settings["sdtm"]["ratio"] == 0.3
+    assert settings["pipeline"] == "StableDiffusion3Pipeline"
+    assert settings["sdtm"]["switch_step"] == 20  # SD3's default, recorded as a number
     images = [pixels(out / f"{i:05d}.png") for i in range(3)]
     assert all(image.shape == (SIZE, SIZE, 3) for image in images)
     assert not np.array_equal(images[0], images[1])
@@ -208,7 +210,8 @@ def test_torchrun_two_processes_write_every_image_once(model, tmp_path):
                                   "blank-txt", "bad-json", "bad-entry", "extension", "both", "neither",
                                   "size", "too-large", "sdtm-setting", "out-is-file", "device",
                                   "guidance-nan", "guidance-inf", "guidance-minus-inf", "guidance-negative",
-                                  "sdtm-inf", "cuda-graphs-on-cpu", "no-sdtm-with-sdtm-setting", "device-meta", "device-absent",
+                                  "sdtm-inf", "cuda-graphs-on-cpu", "no-sdtm-with-sdtm-setting", "no-sdtm-with-switch-step",
+                                  "device-meta", "device-absent",
                                   "prompt-surrogate", "json-surrogate", "json-surrogate-id"])
 def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, case):
     monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
@@ -237,6 +240,8 @@ def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, c
         "sdtm-inf": ["--model", model, "--prompts", good, "--a-s", "inf"],
         "cuda-graphs-on-cpu": ["--model", model, "--prompts", good, "--device", "cpu", "--cuda-graphs"],
         "no-sdtm-with-sdtm-setting": ["--model", model, "--prompts", good, "--no-sdtm", "--ratio", "0.5"],
+        # 20 is SD3's default switch step, but given explicitly it would still be ignored.
+        "no-sdtm-with-switch-step": ["--model", model, "--prompts", good, "--no-sdtm", "--switch-step", "20"],
         "device-meta": ["--model", model, "--prompts", good, "--device", "meta"],
         "device-absent": ["--model", model, "--prompts", good, "--device", "xpu"],
         "prompt-surrogate": ["--model", model, "--prompt", "a \udcff cat"],  # undecodable bytes in argv

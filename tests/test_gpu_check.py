@@ -1,8 +1,8 @@
 """benchmarks/gpu_check.py and gpu_check.sh: the one-command GPU check, smoke-run on the CPU.
 
-The script's smoke mode (--device cpu --tiny: a 2-block SD3-shaped transformer, float32, a few steps)
-runs every variant and writes the same JSON as on a GPU; these tests check its keys and types, never
-its timings."""
+The script's smoke mode (--device cpu --tiny: a 2-block transformer of the --model family, float32, a few
+steps) runs every variant and writes the same JSON as on a GPU; these tests check its keys and types,
+never its timings."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_common(data: dict) -> None:
+def _check_common(data: dict, batch: int = 2) -> None:
     for key in ("device", "torch", "date", "fast_path", "status"):
         assert isinstance(data[key], str), key
     assert data["triton"] is None or isinstance(data["triton"], str)
@@ -61,7 +62,7 @@ def _check_common(data: dict) -> None:
     assert _is_number(data["mac_ratio_aggressive"]) and data["mac_ratio_aggressive"] >= 1
     assert _is_number(data["wall_seconds"]) and data["wall_seconds"] >= 0
     settings = data["settings"]
-    assert settings["size"] == [256, 256] and settings["batch"] == 2 and settings["dtype"] == "float32"
+    assert settings["size"] == [256, 256] and settings["batch"] == batch and settings["dtype"] == "float32"
     assert settings["rounds"] == 1
     for key in ("seconds", "per_phase_ms", "peak_memory_bytes", "first_generation_seconds", "per_step_ms"):
         assert set(data[key]) == set(VARIANTS), key
@@ -91,6 +92,8 @@ def test_smoke_run_with_graphs_writes_every_key(tmp_path):
     data = _run(tmp_path, "--fast", "graphs", "--steps", "5", "--tests-exit-code", "0",
                 "--tests-summary", "3 passed in 1.00s", out=out)
     _check_common(data)
+    assert data["model"] == "sd3-medium" and data["settings"]["text_tokens"] == 333
+    assert data["settings"]["switch_step"] == 20
     assert data["mac_ratio"] > 1 and data["mac_ratio_aggressive"] > 1  # steps 1, 2 and 4 merge
     for name in VARIANTS:
         _check_variant(data, name)
@@ -116,12 +119,57 @@ def test_smoke_run_with_compiled_blocks_and_no_aggressive_variants(tmp_path):
     assert data["tests"] == {"exit_code": None, "summary": None, "seconds": None}
 
 
+@pytest.mark.parametrize("model, batch, text_tokens", [("flux-dev", 1, 512), ("pixart-sigma", 2, 300)])
+def test_smoke_run_of_each_model(tmp_path, model, batch, text_tokens):
+    """The other models' shapes (tiny): their batch and text tokens, their family's switch step (the first
+    40% of 5 steps: steps 0 and 1), every variant."""
+    data = _run(tmp_path, "--model", model, "--fast", "graphs", "--steps", "5")
+    _check_common(data, batch=batch)
+    assert data["model"] == model
+    settings = data["settings"]
+    assert settings["text_tokens"] == text_tokens and settings["switch_step"] == 1
+    assert model in next((tmp_path / "results").glob("*.json")).name
+    assert data["step_phases"] == ["protected", "structure", "detail", "protected", "detail"]
+    assert data["mac_ratio"] > 1 and data["mac_ratio_aggressive"] > 1
+    for name in VARIANTS:
+        _check_variant(data, name)
+    for name in ("unmerged_fast", "sdtm_fast", "sdtm_aggressive_fast"):
+        assert data["output_check"][name]["relative_difference_vs_eager"] < 1e-5
+
+
+def test_model_configs_build_the_released_shapes():
+    """FLUX.1-dev's and PixArt-Sigma-XL-2-1024-MS's transformers, built on the meta device: their sizes."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+
+    gpu_check = _gpu_check_module()
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**gpu_check.FLUX_DEV)
+        pixart = PixArtTransformer2DModel(**gpu_check.PIXART_SIGMA)
+    assert sum(p.numel() for p in flux.parameters()) / 1e9 == pytest.approx(11.9, abs=0.05)
+    assert sum(p.numel() for p in pixart.parameters()) / 1e9 == pytest.approx(0.61, abs=0.01)
+    assert len(flux.transformer_blocks) == 19 and len(flux.single_transformer_blocks) == 38
+    assert flux.inner_dim == 3072 and pixart.inner_dim == 1152 and len(pixart.transformer_blocks) == 28
+
+
+def test_defaults_follow_the_model():
+    gpu_check = _gpu_check_module()
+    threads = str(torch.get_num_threads())  # resolve() sets torch's thread count: keep this process's
+    for model, steps, batch in (("sd3-medium", 50, 2), ("flux-dev", 28, 1), ("pixart-sigma", 20, 2)):
+        args = gpu_check.resolve(gpu_check.parse_args(["--device", "cpu", "--model", model, "--threads", threads]))
+        assert (args.steps, args.batch, args.dtype) == (steps, batch, "float32")
+    args = gpu_check.resolve(gpu_check.parse_args(["--device", "cpu", "--model", "flux-dev", "--batch", "2",
+                                                   "--threads", threads]))
+    assert args.batch == 2
+    assert gpu_check.resolved(args, gpu_check.default_config(args)).switch_step == 10  # 40% of 28 steps
+
+
 def test_help_needs_neither_diffusers_nor_a_gpu():
     code = ("import runpy, sys; sys.modules['diffusers'] = None; sys.argv = ['gpu_check.py', '--help']; "
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for option in ("--fast", "--rounds", "--steps", "--size", "--skip-aggressive", "--tiny", "--budget"):
+    for option in ("--fast", "--rounds", "--steps", "--size", "--skip-aggressive", "--tiny", "--budget", "--model",
+                   "flux-dev", "pixart-sigma"):
         assert option in done.stdout
 
 
