@@ -64,7 +64,7 @@ def _add_macs(commands) -> None:
     macs.add_argument("--text-tokens", type=positive_int, help="text tokens (default: 333 SD3, 300 Sigma, 120 alpha, 512 Flux dev, 256 Flux schnell)")
     macs.add_argument("--json", action="store_true", help="print one JSON object")
     macs.add_argument("--plot", help="write tokens and MACs per step to this PNG")
-    add_sdtm_options(macs, with_disable=False)
+    add_sdtm_options(macs, with_disable=False, family_switch_step=True)
 
 
 # Options of `sdtm bench host` only: (flag, type, default, help).

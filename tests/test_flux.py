@@ -254,3 +254,13 @@ def test_flux_with_graph_replay_equals_eager():
     stats = graph_stats(pipe.transformer)
     merged_steps = len({r.step for r in sdtm_state(pipe).records if r.mode == "merged"})
     assert stats["graphs"] == stats["captures"] == merged_steps + 1 and stats["replays"] > 0
+
+
+def test_macs_command_takes_the_family_switch_step(capsys):
+    import json
+
+    from sdtm.__main__ import main
+
+    assert main(["macs", "--config", "flux-dev", "--steps", "28", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["switch_step"] == 10 and report["mac_ratio"] > 1
