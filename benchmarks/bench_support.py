@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from sdtm import reference as R
-from sdtm.ops import cpp_unavailable_reason, ops_for, triton_unavailable_reason
-from sdtm.plans import Grid, MergePlan, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+from sdtm.core import reference as R
+from sdtm.core.ops import cpp_unavailable_reason, ops_for, triton_unavailable_reason
+from sdtm.core.plans import Grid, MergePlan, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
 
 @dataclass(frozen=True)

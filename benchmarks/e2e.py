@@ -8,7 +8,7 @@ PixArt-Sigma), shrunk for the CPU, over a 10-step schedule.
 
 import sys
 
-from sdtm.__main__ import main
+from sdtm.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "e2e", *sys.argv[1:]]))

@@ -7,9 +7,9 @@
     bash benchmarks/gpu_check.sh [--model ...]           # wheels, the GPU tests, then this script
 
 The transformer of ``--model`` with random weights runs a plain denoising loop over random latents and
-random prompt embeddings, called as its diffusers pipeline calls it (sdtm.bench.Denoiser):
+random prompt embeddings, called as its diffusers pipeline calls it (sdtm.cli.bench.Denoiser):
 
-    sd3-medium     SD3Transformer2DModel (sdtm.macs.PRESETS["sd3-medium"]), 333 text tokens, batch 2
+    sd3-medium     SD3Transformer2DModel (sdtm.cli.macs.PRESETS["sd3-medium"]), 333 text tokens, batch 2
                    (the classifier-free-guidance batch), flow-matching Euler
     flux-dev       FluxTransformer2DModel of FLUX.1-dev (19 double-stream + 38 single-stream blocks, C=3072),
                    512 text tokens, batch 1 (guidance-distilled: the guidance 3.5 is an input, no CFG),
@@ -27,9 +27,9 @@ steps); the JSON's ``model`` says which model ran. Variants:
     sdtm_aggressive_eager   SDTM with ratio=0.5, deviation=0.0
     sdtm_aggressive_fast    the same on the fast path
 
-The fast path is CUDA-graph replay (sdtm.graphs: one graph captured per distinct transformer call,
+The fast path is CUDA-graph replay (sdtm.core.graphs: one graph captured per distinct transformer call,
 replayed after), or torch.compile of the transformer's blocks (--fast compile, and the fallback when
-sdtm.graphs cannot be imported; the JSON says which ran and why). Every variant is a copy of one
+sdtm.core.graphs cannot be imported; the JSON says which ran and why). Every variant is a copy of one
 transformer that shares its weights, so the variants keep their own SDTM state and graphs side by side.
 
 Measured, per variant: the first generation (Triton compilation, graph capture or compilation included:
@@ -38,7 +38,7 @@ first_generation_seconds), then one generation with an event around every transf
 classified with SDTM's default schedule for every variant, so the phases compare) and its memory, then
 ``--rounds`` interleaved rounds of whole generations timed with CUDA events (perf_counter on the CPU):
 the medians are ``seconds``. ``speedup`` compares each SDTM variant with the unmerged one on the same
-path, ``realised_share`` is that speedup over the theoretical MAC ratio (sdtm.macs.schedule_macs,
+path, ``realised_share`` is that speedup over the theoretical MAC ratio (sdtm.cli.macs.schedule_macs,
 counted on the meta device).
 
 Memory (CUDA): ``peak_memory_bytes`` is what one variant would peak at on its own: the memory in use
@@ -134,9 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sdtm.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default=None,
                       help="SDTM's op backend; triton on CUDA, auto elsewhere")
     sdtm.add_argument("--fast", choices=["graphs", "compile"], default=None,
-                      help="the fast path: CUDA-graph replay (sdtm.graphs; on the CPU a stand-in that re-runs "
+                      help="the fast path: CUDA-graph replay (sdtm.core.graphs; on the CPU a stand-in that re-runs "
                            "each replayed call, for tests) or torch.compile of every transformer block; graphs "
-                           "on CUDA, compile elsewhere; graphs falls back to compile when sdtm.graphs is missing")
+                           "on CUDA, compile elsewhere; graphs falls back to compile when sdtm.core.graphs is missing")
     sdtm.add_argument("--compile-backend", default=None,
                       help="torch.compile backend of --fast compile; inductor on CUDA, eager elsewhere")
     sdtm.add_argument("--compile-mode", default=None,
@@ -286,10 +286,10 @@ class Elapsed:
 
 def build_transformer(args):
     """The --model transformer (or its tiny shrunk version) with random weights, on the device, in eval
-    mode; and its config as sdtm.macs reads it (for the MAC count)."""
+    mode; and its config as sdtm.cli.macs reads it (for the MAC count)."""
     import torch
 
-    from sdtm.bench import flux_shaped_transformer, mac_config, pixart_shaped_transformer, sd3_shaped_transformer
+    from sdtm.cli.bench import flux_shaped_transformer, mac_config, pixart_shaped_transformer, sd3_shaped_transformer
 
     dtype = getattr(torch, args.dtype)
     latent = args.size // 8
@@ -312,7 +312,7 @@ def build_transformer(args):
         elif family == "pixart":
             cls, config = diffusers.PixArtTransformer2DModel, PIXART_SIGMA
         else:
-            from sdtm.macs import PRESETS
+            from sdtm.cli.macs import PRESETS
 
             cls, config = diffusers.SD3Transformer2DModel, PRESETS["sd3-medium"]
         torch.manual_seed(args.seed)
@@ -354,12 +354,12 @@ def shared_copy(module):
 
 
 def make_generation(transformer, args):
-    """The family's denoising loop over ``transformer`` (sdtm.bench.Denoiser: its own scheduler, random
+    """The family's denoising loop over ``transformer`` (sdtm.cli.bench.Denoiser: its own scheduler, random
     latents, prompt embeddings of the model's text tokens), with an optional timer around each
     transformer call."""
     import torch
 
-    from sdtm.bench import Denoiser
+    from sdtm.cli.bench import Denoiser
 
     class Generation(Denoiser):
         @torch.no_grad()
@@ -380,7 +380,7 @@ def make_generation(transformer, args):
 
 
 class RerunCapture:
-    """CPU stand-in for CUDA-graph capture (sdtm.graphs' ``capture`` argument): a replay runs the captured
+    """CPU stand-in for CUDA-graph capture (sdtm.core.graphs' ``capture`` argument): a replay runs the captured
     call again on the static inputs and writes the static outputs. Exercises the graphed path on the CPU."""
 
     def check(self, tensors) -> None:
@@ -401,13 +401,13 @@ class RerunCapture:
 
 
 def graphs_module():
-    """(sdtm.graphs, None), or (None, why it cannot be imported)."""
+    """(sdtm.core.graphs, None), or (None, why it cannot be imported)."""
     try:
-        from sdtm import graphs
+        from sdtm.core import graphs
 
         graphs.enable_cuda_graphs, graphs.disable_cuda_graphs  # noqa: B018 (the API this script uses)
     except Exception as error:  # ImportError, AttributeError, or an error inside the module
-        return None, f"sdtm.graphs cannot be used ({type(error).__name__}: {error})"
+        return None, f"sdtm.core.graphs cannot be used ({type(error).__name__}: {error})"
     return graphs, None
 
 
@@ -423,9 +423,9 @@ class FastPath:
             self.graphs, self.note = graphs_module()
         self.kind = "cuda_graphs" if self.graphs is not None else "torch.compile"
         if self.kind == "cuda_graphs":
-            self.detail = ("sdtm.graphs: one CUDA graph captured per distinct transformer call, replayed after"
+            self.detail = ("sdtm.core.graphs: one CUDA graph captured per distinct transformer call, replayed after"
                            if args.device.type == "cuda" else
-                           "sdtm.graphs with a CPU stand-in capture (a replay runs the call again): a smoke "
+                           "sdtm.core.graphs with a CPU stand-in capture (a replay runs the call again): a smoke "
                            "run of the graphed path, not a fast path")
         else:
             self.mode = args.compile_mode if args.compile_backend == "inductor" else None
@@ -535,7 +535,7 @@ def step_phases(steps: int, default=None) -> list[str]:
     """Each step's phase under ``default`` (an SDTMConfig with a switch step; None: SDTM's defaults, switch
     step 20): protected, structure or detail."""
     from sdtm import SDTMConfig
-    from sdtm.schedule import Phase, is_protected_step, phase_at_step
+    from sdtm.core.schedule import Phase, is_protected_step, phase_at_step
 
     default = default or SDTMConfig()
     return ["protected" if is_protected_step(default, s) else
@@ -656,7 +656,7 @@ def summarise(data: dict) -> str:
 def run(args, report: Report, elapsed: Elapsed) -> None:
     import torch
 
-    from sdtm.macs import schedule_macs
+    from sdtm.cli.macs import schedule_macs
 
     cuda = args.device.type == "cuda"
     clock = Clock(args.device)

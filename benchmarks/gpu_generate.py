@@ -6,7 +6,7 @@
 With --model the whole pipeline runs (text encoders included) from a local diffusers folder, offline.
 With --random only the transformer runs, in a plain denoising loop with random prompt embeddings (333
 text tokens), which is where SDTM acts. Each variant is timed with CUDA events after a warm-up, rounds
-interleaved, medians reported, next to the theoretical MAC ratio of the transformer calls (sdtm.macs:
+interleaved, medians reported, next to the theoretical MAC ratio of the transformer calls (sdtm.cli.macs:
 torch's FlopCounterMode on the meta device).
 """
 
@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from sdtm import SDTMConfig, apply_sdtm, remove_sdtm
-from sdtm.bench import Denoiser
-from sdtm.macs import PRESETS, schedule_macs
+from sdtm.cli.bench import Denoiser
+from sdtm.cli.macs import PRESETS, schedule_macs
 
 class RandomTransformerRun(Denoiser):
     """The SD3-medium transformer with random weights over a flow-matching schedule (batch 2)."""
@@ -69,7 +69,7 @@ def cuda_seconds(fn) -> float:
 
 
 def mac_report(run, height: int, width: int, steps: int):
-    """Theoretical MACs of the transformer's calls over the schedule (sdtm.macs, meta device)."""
+    """Theoretical MACs of the transformer's calls over the schedule (sdtm.cli.macs, meta device)."""
     transformer = run.module.transformer if hasattr(run.module, "transformer") else run.module
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     return schedule_macs(config, height, width, steps, batch=2, sdtm=SDTMConfig())

@@ -1,11 +1,11 @@
 """End to end: a transformer of each family's shape, shrunk for the CPU, over a 10-step schedule on a
-64 x 64 token grid (sdtm.bench.E2E_MODELS): SD3 (C=768, 2 blocks, 333 text tokens, batch 2), FLUX.1-dev
+64 x 64 token grid (sdtm.cli.bench.E2E_MODELS): SD3 (C=768, 2 blocks, 333 text tokens, batch 2), FLUX.1-dev
 (C=768, 1 double-stream + 2 single-stream blocks, 512 text tokens, batch 1), PixArt-Sigma (C=576, 2
 blocks, 300 text tokens, batch 2).
 
 Group "e2e-<model>": unmerged vs SDTM defaults (the family's switch step) on the torch path vs the cpp
 path; each SDTM run records the theoretical MAC ratio (torch's FlopCounterMode on the meta device,
-sdtm.macs) in extra_info. Group "e2e-overhead-<model>": SDTM at ratio 0.5 in every step (64 x 64 grid ->
+sdtm.cli.macs) in extra_info. Group "e2e-overhead-<model>": SDTM at ratio 0.5 in every step (64 x 64 grid ->
 2080 tokens) vs the unpatched model on a 40 x 52 grid (2080 tokens): the difference is everything SDTM
 adds. `python benchmarks/e2e.py --model <model>` runs the same comparisons interleaved.
 """
@@ -15,7 +15,7 @@ import pytest
 from bench_support import BACKENDS
 from e2e_common import ALL_STRUCTURE, E2E_MODELS, Denoiser, mac_config, resolved_config, shaped_transformer
 from sdtm import SDTMConfig
-from sdtm.macs import schedule_macs
+from sdtm.cli.macs import schedule_macs
 
 MODELS = list(E2E_MODELS)
 STEPS = 10

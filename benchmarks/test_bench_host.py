@@ -1,5 +1,5 @@
 """Host cost per generation: the SD3-medium topology (24 blocks) with tensors shrunk until compute is small
-(sdtm.host_bench.HostSetting: one head of width 16, 16 x 16 image + 16 text tokens, batch 2, 12 steps with
+(sdtm.cli.host_bench.HostSetting: one head of width 16, 16 x 16 image + 16 text tokens, batch 2, 12 steps with
 protected, structure and detail steps), eager, one CPU thread.
 
 Group "host": one whole generation, unmerged vs SDTM per CPU backend; each SDTM run records its launches
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench_support import BACKENDS
-from sdtm.host_bench import HostDenoiser, HostSetting, count_generation, host_transformer
-from sdtm.patch import apply_sdtm
+from sdtm.cli.host_bench import HostDenoiser, HostSetting, count_generation, host_transformer
+from sdtm.core.patch import apply_sdtm
 
 SETTING = HostSetting()
 CPU_BACKENDS = [b for b in BACKENDS if b.values[0] in ("torch", "cpp")]

@@ -3,9 +3,9 @@ import torch
 
 from bench_support import BACKENDS, inputs_for, ops, synchronized
 from sdtm import SDTMConfig
-from sdtm.engine import compute_plan
-from sdtm.schedule import BlockAction, BlockMode, Phase
-from sdtm.state import BlockLink, CallStream, SDTMState
+from sdtm.core.engine import compute_plan
+from sdtm.core.schedule import BlockAction, BlockMode, Phase
+from sdtm.core.state import BlockLink, CallStream, SDTMState
 
 
 @pytest.mark.parametrize("phase", [Phase.STRUCTURE, Phase.DETAIL], ids=["ssm", "idm"])

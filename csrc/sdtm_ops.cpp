@@ -1,6 +1,6 @@
 // Schemas of the SDTM ops and the Python module sdtm._C that loads them.
 // Backends register implementations with TORCH_LIBRARY_IMPL(sdtm, <Key>, m) in their own files;
-// fake (meta) implementations live in sdtm/cpp_ops.py.
+// fake (meta) implementations live in sdtm/core/cpp_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -26,16 +26,16 @@ TORCH_LIBRARY(sdtm, m) {
   m.def(
       "norm_modulate_merge(Tensor x, Tensor shift, Tensor scale, float eps, Tensor slot, Tensor members, "
       "Tensor offsets, bool pseudo_merge) -> Tensor");
-  // The structure-phase plan (sdtm.plans.ssm_plan): (slot, blend, members, offsets, independent).
+  // The structure-phase plan (sdtm.core.plans.ssm_plan): (slot, blend, members, offsets, independent).
   m.def(
       "ssm_plan(Tensor window_scores, Tensor dst_position, int grid_h, int grid_w, int sy, int sx, int n_win, "
       "bool pseudo_merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The detail phase's candidates (sdtm.plans.idm_destinations then idm_candidates): (src_idx, dst_idx),
+  // The detail phase's candidates (sdtm.core.plans.idm_destinations then idm_candidates): (src_idx, dst_idx),
   // destinations by merge age when given, else at dst_position.
   m.def(
       "idm_candidates(Tensor? merge_age, Tensor? dst_position, int grid_h, int grid_w, int sy, int sx) "
       "-> (Tensor, Tensor)");
-  // The detail-phase plan (sdtm.plans.idm_plan, r sources merged): (slot, blend, members, offsets, independent).
+  // The detail-phase plan (sdtm.core.plans.idm_plan, r sources merged): (slot, blend, members, offsets, independent).
   m.def(
       "idm_plan(Tensor score, Tensor best, Tensor src_idx, Tensor dst_idx, int num_tokens, SymInt r, "
       "bool pseudo_merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

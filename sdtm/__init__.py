@@ -4,8 +4,8 @@
     >>> pipe = apply_SDTM(pipe)        # doctest: +SKIP
 """
 
-from .config import SDTMConfig
-from .patch import apply_sdtm, apply_SDTM, remove_sdtm, remove_SDTM, sdtm_state
+from .core.config import SDTMConfig
+from .core.patch import apply_sdtm, apply_SDTM, remove_sdtm, remove_SDTM, sdtm_state
 
 __all__ = ["SDTMConfig", "apply_SDTM", "remove_SDTM", "apply_sdtm", "remove_sdtm", "sdtm_state"]
 __version__ = "0.1.0"

@@ -86,7 +86,7 @@ def _make_bipartite_match(wrap):
     def bipartite_match(
         x: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, priority: torch.Tensor | None, a_d: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Triton twin of ``sdtm.reference.bipartite_match``: (score [B, A] float32, best [B, A] int64)."""
+        """Triton twin of ``sdtm.core.reference.bipartite_match``: (score [B, A] float32, best [B, A] int64)."""
         check_float(x, "x")
         check_device(x, src_idx, dst_idx, priority)
         batch, num_tokens, channels = x.shape

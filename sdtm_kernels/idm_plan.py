@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sdtm.plans import Grid, MergePlan
-from sdtm.schedule import sources_to_merge
+from sdtm.core.plans import Grid, MergePlan
+from sdtm.core.schedule import sources_to_merge
 
 from ._common import check_device
 
@@ -90,7 +90,7 @@ def idm_plan(
     best: torch.Tensor,
     pseudo_merge: bool,
 ) -> MergePlan:
-    """Triton twin of ``sdtm.plans.idm_plan`` (same arguments, identical plan)."""
+    """Triton twin of ``sdtm.core.plans.idm_plan`` (same arguments, identical plan)."""
     check_device(src_idx, dst_idx, score, best)
     batch, num_src = src_idx.shape
     num_dst = dst_idx.shape[1]

@@ -43,7 +43,7 @@ def _make_merge(wrap):
     def merge(
         x: torch.Tensor, slot: torch.Tensor, members: torch.Tensor, offsets: torch.Tensor, pseudo_merge: bool
     ) -> torch.Tensor:
-        """Triton twin of ``sdtm.reference.merge``: x [B, N, C] -> [B, M, C]."""
+        """Triton twin of ``sdtm.core.reference.merge``: x [B, N, C] -> [B, M, C]."""
         check_float(x, "x")
         check_device(x, slot, members, offsets)
         batch, num_tokens, channels = x.shape

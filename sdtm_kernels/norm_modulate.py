@@ -104,7 +104,7 @@ def _blocks(channels: int) -> tuple[int, int]:
 
 def _make_norm_modulate(wrap):
     def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-        """Triton twin of ``sdtm.reference.norm_modulate``: x [B, N, C] -> [B, N, C]."""
+        """Triton twin of ``sdtm.core.reference.norm_modulate``: x [B, N, C] -> [B, N, C]."""
         _check(x, shift, scale, eps)
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         if out.numel() == 0:
@@ -125,7 +125,7 @@ def _make_norm_modulate_merge(wrap):
         x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, slot: torch.Tensor,
         members: torch.Tensor, offsets: torch.Tensor, pseudo_merge: bool,
     ) -> torch.Tensor:
-        """Triton twin of ``sdtm.reference.norm_modulate_merge``: x [B, N, C] -> [B, M, C]."""
+        """Triton twin of ``sdtm.core.reference.norm_modulate_merge``: x [B, N, C] -> [B, M, C]."""
         _check(x, shift, scale, eps)
         check_device(x, slot, members, offsets)
         batch, num_tokens, channels = x.shape

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sdtm.plans import Grid, MergePlan, _ssm_offsets
-from sdtm.schedule import windows_to_merge
+from sdtm.core.plans import Grid, MergePlan, _ssm_offsets
+from sdtm.core.schedule import windows_to_merge
 
 from ._common import check_device
 
@@ -55,7 +55,7 @@ def _ssm_plan_kernel(
 def ssm_plan(
     window_scores: torch.Tensor, grid: Grid, reduce_num: int, dst_position: torch.Tensor, pseudo_merge: bool
 ) -> MergePlan:
-    """Triton twin of ``sdtm.plans.ssm_plan`` (same arguments, identical plan)."""
+    """Triton twin of ``sdtm.core.plans.ssm_plan`` (same arguments, identical plan)."""
     check_device(window_scores, dst_position)
     batch, num_windows = window_scores.shape
     device = window_scores.device

@@ -111,7 +111,7 @@ def _make_unmerge(wrap):
         mcw: float,
         store_cache: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Triton twin of ``sdtm.reference.unmerge``: y [B, M, C] -> (out [B, N, C], new cache or empty)."""
+        """Triton twin of ``sdtm.core.reference.unmerge``: y [B, M, C] -> (out [B, N, C], new cache or empty)."""
         full = _check_args(y, slot, blend, cache, gate, residual, mcw)
         out = torch.empty(full, dtype=y.dtype, device=y.device)
         new_cache = torch.empty(full if store_cache else (0,), dtype=y.dtype, device=y.device)
@@ -146,7 +146,7 @@ def _make_unmerge_into(wrap):
         out: torch.Tensor,
         cache_out: torch.Tensor | None,
     ) -> None:
-        """Triton twin of ``sdtm.reference.unmerge_into``: out may be residual, cache_out may be cache."""
+        """Triton twin of ``sdtm.core.reference.unmerge_into``: out may be residual, cache_out may be cache."""
         full = _check_args(y, slot, blend, cache, gate, residual, mcw)
         check_device(y, out, cache_out)
         _check_writable(out, "out", full, y.dtype,

@@ -65,7 +65,7 @@ def _make_window_scores(wrap):
     def window_scores(
         x: torch.Tensor, priority: torch.Tensor | None, grid_h: int, grid_w: int, sy: int, sx: int, a_s: float
     ) -> torch.Tensor:
-        """Triton twin of ``sdtm.reference.window_scores``: x [B, N, C] -> scores [B, W] float32."""
+        """Triton twin of ``sdtm.core.reference.window_scores``: x [B, N, C] -> scores [B, W] float32."""
         check_float(x, "x")
         check_device(x, priority)
         if sy < 1 or sx < 1 or sy * sx < 2:

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from sdtm.ops import cpp_unavailable_reason, triton_unavailable_reason  # noqa: E402
+from sdtm.core.ops import cpp_unavailable_reason, triton_unavailable_reason  # noqa: E402
 from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
 
 diffusers_logging.set_verbosity_error()
@@ -70,7 +70,7 @@ def generate(pipe, spec: TinySpec = SD3_SPEC, batch: int = 1, height: int = 32, 
 
 def op_inputs(shape, dtype, device="cpu", seed=0):
     """Tokens, merge-age priority and grid for op tests. shape = (B, grid_h, grid_w, C, sy, sx)."""
-    from sdtm.plans import Grid
+    from sdtm.core.plans import Grid
 
     b, h, w, c, sy, sx = shape
     g = torch.Generator().manual_seed(seed)

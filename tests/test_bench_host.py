@@ -1,4 +1,4 @@
-"""sdtm.host_bench: launch counts per step and per block (deterministic, so exact structural facts), the
+"""sdtm.cli.host_bench: launch counts per step and per block (deterministic, so exact structural facts), the
 Triton launch counter, the result's keys and `sdtm bench host`. No wall-clock assertion."""
 
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from support import requires_cpp, requires_triton
-from sdtm.__main__ import main
-from sdtm.host_bench import (
+from sdtm.cli.main import main
+from sdtm.cli.host_bench import (
     OUTSIDE,
     HostDenoiser,
     HostSetting,
@@ -20,8 +20,8 @@ from sdtm.host_bench import (
     op_category,
     triton_block_launches,
 )
-from sdtm.ops import cpp_unavailable_reason
-from sdtm.patch import apply_sdtm
+from sdtm.core.ops import cpp_unavailable_reason
+from sdtm.core.patch import apply_sdtm
 
 # Two joint blocks and the last block (no text output); steps 0 and 3 protected, 1 structure, 2 detail.
 SMALL = HostSetting(layers=3, steps=4, switch_step=1, grid=8)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sdtm import SDTMConfig, apply_SDTM
-from sdtm.__main__ import main
-from sdtm.macs import PRESETS, schedule_macs
+from sdtm.cli.main import main
+from sdtm.cli.macs import PRESETS, schedule_macs
 from sdtm.tiny import TinySpec, tiny_prompt_embeds, tiny_transformer
 
 TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
@@ -153,7 +153,7 @@ def test_demo_runs_and_writes_its_png(capsys, tmp_path):
 
 
 def test_bench_kernels_json(capsys, monkeypatch):
-    from sdtm import bench
+    from sdtm.cli import bench
 
     original = bench.bench_kernels
     monkeypatch.setattr(bench, "bench_kernels", lambda grids, rounds, progress, backends: original(
@@ -167,7 +167,7 @@ def test_bench_kernels_json(capsys, monkeypatch):
 
 def test_bench_kernels_times_only_the_backends_asked_for(capsys, monkeypatch):
     """--backends applies to kernels too: torch (the reference) and the backends named, each once."""
-    from sdtm import bench
+    from sdtm.cli import bench
 
     original = bench.bench_kernels
     monkeypatch.setattr(bench, "bench_kernels", lambda grids, rounds, progress, backends: original(
@@ -179,7 +179,7 @@ def test_bench_kernels_times_only_the_backends_asked_for(capsys, monkeypatch):
 
 
 def test_bench_kernels_rejects_a_backend_with_no_device(monkeypatch):
-    from sdtm import bench
+    from sdtm.cli import bench
 
     monkeypatch.setattr(bench, "available_backends", lambda: [("torch", torch.device("cpu"))])
     monkeypatch.setattr(bench, "check_backend", lambda name: None)
@@ -211,7 +211,7 @@ def diffusers_warnings():
 
 def test_bench_unavailable_backend_is_the_only_line(monkeypatch, capfd, diffusers_warnings):
     """Without CUDA or the Triton interpreter, bench e2e --backends triton fails before any work."""
-    from sdtm import bench
+    from sdtm.cli import bench
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     original = bench.bench_e2e
@@ -224,7 +224,7 @@ def test_bench_unavailable_backend_is_the_only_line(monkeypatch, capfd, diffuser
 
 
 def test_sd3_shaped_transformer_casts_without_warnings(capfd, diffusers_warnings):
-    from sdtm.bench import sd3_shaped_transformer
+    from sdtm.cli.bench import sd3_shaped_transformer
 
     model = sd3_shaped_transformer(num_layers=1, heads=1, sample_size=8, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training
@@ -271,7 +271,7 @@ def test_macs_diffusers_folder_uses_its_vae_factor(capsys, tmp_path):
 
 
 def test_bench_block_small(monkeypatch, capsys, tmp_path):
-    from sdtm import bench
+    from sdtm.cli import bench
 
     original = bench.bench_block_share
     monkeypatch.setattr(bench, "bench_block_share", lambda backends, rounds, progress: original(
@@ -288,7 +288,7 @@ def test_bench_block_small(monkeypatch, capsys, tmp_path):
 
 def test_bench_e2e_small(monkeypatch, capsys):
     """The end-to-end comparison on a small grid: both comparisons run and report consistent numbers."""
-    from sdtm import bench
+    from sdtm.cli import bench
 
     original = bench.bench_e2e
     monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress, model: original(

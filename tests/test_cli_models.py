@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtm import SDTMConfig, demo, generate, sdtm_state
-from sdtm.__main__ import main
-from sdtm.bench import E2E_MODELS, Denoiser, shaped_transformer
+from sdtm import SDTMConfig, sdtm_state
+from sdtm.cli import demo, generate
+from sdtm.cli.main import main
+from sdtm.cli.bench import E2E_MODELS, Denoiser, shaped_transformer
 from test_generate import cli, manifest, only_files, refuse_to_load
 from tiny_full_pipeline import CLIP_HIDDEN, CLIP_TOKENS, T5_WIDTH, _tiny_t5_encoder, tiny_clip_tokenizer, tiny_t5_tokenizer
 
@@ -316,7 +317,7 @@ def test_denoiser_calls_each_family_as_its_pipeline(model):
 
 @pytest.mark.parametrize("model, batch, text_tokens", [("flux", 1, 512), ("pixart", 2, 300)])
 def test_bench_e2e_of_each_family(monkeypatch, capsys, model, batch, text_tokens):
-    from sdtm import bench
+    from sdtm.cli import bench
 
     original = bench.bench_e2e
     monkeypatch.setattr(bench, "bench_e2e", lambda backends, rounds, progress, model: original(
@@ -333,7 +334,7 @@ def test_bench_e2e_of_each_family(monkeypatch, capsys, model, batch, text_tokens
 
 
 def test_bench_e2e_text_names_the_model(monkeypatch, capsys):
-    from sdtm import bench
+    from sdtm.cli import bench
 
     canned = {"model": "flux", "mac_ratio": 1.25, "mac_grid": [64, 64],
               "transformer": {"title": "FLUX.1-dev-shaped transformer", "blocks": 3, "channels": 768, "batch": 1,

@@ -78,7 +78,7 @@ def test_unavailable_backend_says_why(sd3_pipe, monkeypatch):
 
 
 def test_cpp_backend_refuses_other_devices():
-    from sdtm.ops import cpp_unavailable_reason, ops_for
+    from sdtm.core.ops import cpp_unavailable_reason, ops_for
 
     if cpp_unavailable_reason() is not None:
         pytest.skip(cpp_unavailable_reason())

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from support import assert_close, op_inputs, requires_cpp
-from sdtm import reference as R
-from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+from sdtm.core import reference as R
+from sdtm.core.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
 pytestmark = requires_cpp
 
@@ -21,7 +21,7 @@ SHAPE_IDS = ["B{}-H{}-W{}-C{}-win{}x{}".format(*s) for s in SHAPES]
 
 @pytest.fixture(scope="module")
 def cpp():
-    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
 
     return CPP_OPS
 
@@ -232,8 +232,8 @@ def test_norm_modulate_rejects_bad_modulation(cpp):
 )
 def test_random_plans_round_trip(batch, tokens, channels, seed, pseudo):
     """Random groupings (not only SDTM's): merge and unmerge agree with the twins."""
-    from sdtm.cpp_ops import CPP_OPS as cpp
-    from sdtm.plans import _assemble
+    from sdtm.core.cpp_ops import CPP_OPS as cpp
+    from sdtm.core.plans import _assemble
 
     g = torch.Generator().manual_seed(seed)
     num_groups = int(torch.randint(0, tokens + 1, (1,), generator=g))
@@ -259,7 +259,7 @@ def test_random_plans_round_trip(batch, tokens, channels, seed, pseudo):
 
 
 def test_opcheck():
-    from sdtm.cpp_ops import CPP_OPS  # noqa: F401  registers the fake implementations
+    from sdtm.core.cpp_ops import CPP_OPS  # noqa: F401  registers the fake implementations
 
     grid, x, prio, g = _inputs((2, 6, 8, 5, 2, 2), torch.float32)
     plan = next(_plans(grid, x, prio, g, 24, False))
@@ -315,7 +315,7 @@ def test_bad_arguments_are_reported(cpp):
 )
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied-scores"])
 def test_cpp_ssm_plan_equals_torch_plan(shape, reduce_num, pseudo, ties):
-    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
 
     grid, x, _, g = op_inputs(shape, torch.float32)
     scores = R.window_scores(x, None, grid.height, grid.width, grid.sy, grid.sx, 0.0)
@@ -359,8 +359,8 @@ def _merge_age(grid, batch, g, kind):
 @pytest.mark.parametrize("age_kind", ["none", "tied", "constant"])
 @pytest.mark.parametrize("draw", [False, True], ids=["first", "random"])
 def test_cpp_idm_candidates_equal_torch(shape, age_kind, draw):
-    from sdtm.cpp_ops import CPP_OPS
-    from sdtm.ops import TORCH_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
+    from sdtm.core.ops import TORCH_OPS
 
     grid, x, _, g = op_inputs(shape, torch.float32)
     batch = x.shape[0]
@@ -379,8 +379,8 @@ def test_cpp_idm_candidates_equal_torch(shape, age_kind, draw):
                                    torch.float16, torch.bfloat16])
 def test_cpp_idm_candidates_any_merge_age_dtype(dtype):
     """argmax's rules in every dtype: the first largest wins, NaN counts as the largest."""
-    from sdtm.cpp_ops import CPP_OPS
-    from sdtm.ops import TORCH_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
+    from sdtm.core.ops import TORCH_OPS
 
     grid = Grid(9, 10, 2, 2)
     g = torch.Generator().manual_seed(1)
@@ -405,7 +405,7 @@ def test_cpp_idm_candidates_any_merge_age_dtype(dtype):
 @pytest.mark.parametrize("pseudo", [False, True], ids=["mean", "pseudo"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied-scores"])
 def test_cpp_idm_plan_equals_torch_plan(shape, reduce_num, pseudo, ties):
-    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
 
     grid, x, prio, g = op_inputs(shape, torch.float32)
     position = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
@@ -426,7 +426,7 @@ def test_cpp_idm_plan_equals_torch_plan(shape, reduce_num, pseudo, ties):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cpp_idm_plan_special_scores(dtype):
     """NaN, infinities and signed zeros sort as in torch.sort, in each floating dtype."""
-    from sdtm.cpp_ops import CPP_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
 
     grid = Grid(8, 8, 2, 2)
     g = torch.Generator().manual_seed(2)
@@ -457,8 +457,8 @@ def test_cpp_idm_plan_special_scores(dtype):
 )
 def test_cpp_idm_ops_random(batch, grid_h, grid_w, sy, sx, reduce_frac, age_kind, levels, seed, pseudo):
     """Random grids, windows, merge ages and (heavily tied) scores: both ops equal the torch path."""
-    from sdtm.cpp_ops import CPP_OPS
-    from sdtm.ops import TORCH_OPS
+    from sdtm.core.cpp_ops import CPP_OPS
+    from sdtm.core.ops import TORCH_OPS
 
     grid = Grid(grid_h, grid_w, sy, sx)
     g = torch.Generator().manual_seed(seed)
@@ -478,7 +478,7 @@ def test_cpp_idm_ops_random(batch, grid_h, grid_w, sy, sx, reduce_frac, age_kind
 
 @requires_cpp
 def test_cpp_idm_ops_reject_bad_arguments():
-    from sdtm.cpp_ops import CPP_OPS  # noqa: F401  loads the ops
+    from sdtm.core.cpp_ops import CPP_OPS  # noqa: F401  loads the ops
 
     grid = Grid(4, 8, 2, 2)
     src, dst = idm_candidates(grid, torch.zeros(1, 8, dtype=torch.int64))
@@ -509,7 +509,7 @@ def test_cpp_idm_ops_reject_bad_arguments():
 
 @requires_cpp
 def test_cpp_idm_ops_opcheck():
-    from sdtm.cpp_ops import CPP_OPS  # noqa: F401  registers the fake implementations
+    from sdtm.core.cpp_ops import CPP_OPS  # noqa: F401  registers the fake implementations
 
     grid, x, prio, g = op_inputs((2, 8, 12, 4, 2, 2), torch.float32)
     position = random_or_first_positions(2, grid.num_windows, grid.window_size, True, g, x.device)

@@ -8,7 +8,7 @@ import torch
 from support import relative_difference, requires_cpp, requires_triton
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.models.flux import image_grid, merged_attention, merged_rotary
-from sdtm.plans import Grid, ssm_plan
+from sdtm.core.plans import Grid, ssm_plan
 from sdtm.tiny import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
 
 SPEC = TinyFluxSpec()
@@ -243,7 +243,7 @@ def test_flux_with_graph_replay_equals_eager():
     """CUDA-graph replay (with the CPU stand-in capture of tests/test_graphs.py): img_ids, txt_ids and the
     guidance are static inputs too; every generation equals eager SDTM."""
     from test_graphs import RerunCapture
-    from sdtm.graphs import enable_cuda_graphs, graph_stats
+    from sdtm.core.graphs import enable_cuda_graphs, graph_stats
 
     pipe = tiny_flux_pipeline(SPEC)
     apply_SDTM(pipe, **MERGING)
@@ -259,7 +259,7 @@ def test_flux_with_graph_replay_equals_eager():
 def test_macs_command_takes_the_family_switch_step(capsys):
     import json
 
-    from sdtm.__main__ import main
+    from sdtm.cli.main import main
 
     assert main(["macs", "--config", "flux-dev", "--steps", "28", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtm import generate
-from sdtm.prompts import load_prompts, safe_file_stems
+from sdtm.cli import generate
+from sdtm.cli.prompts import load_prompts, safe_file_stems
 from tiny_full_pipeline import build_tiny_full_pipeline, save_tiny_full_pipeline, tiny_clip_tokenizer, tiny_t5_tokenizer
 
 SIZE = 32
@@ -189,7 +189,7 @@ def test_torchrun_two_processes_write_every_image_once(model, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "sdtm.generate", "--model", model, "--prompts", prompts, "--out", str(out), *FAST, "--device",
+               "-m", "sdtm.cli.generate", "--model", model, "--prompts", prompts, "--out", str(out), *FAST, "--device",
                "cpu"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

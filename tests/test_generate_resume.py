@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sdtm import generate
+from sdtm.cli import generate
 from test_generate import FAST, PROMPTS, cli, manifest, only_files, refuse_to_load, write
 from tiny_full_pipeline import save_tiny_full_pipeline
 

@@ -86,7 +86,7 @@ def _check_variant(data: dict, name: str) -> None:
 
 
 def test_smoke_run_with_graphs_writes_every_key(tmp_path):
-    """All six variants, the graphed path with sdtm.graphs' CPU stand-in capture, the test results of the
+    """All six variants, the graphed path with sdtm.core.graphs' CPU stand-in capture, the test results of the
     shell script recorded, the JSON copied into $OUT."""
     out = tmp_path / "out"
     data = _run(tmp_path, "--fast", "graphs", "--steps", "5", "--tests-exit-code", "0",
@@ -175,7 +175,7 @@ def test_help_needs_neither_diffusers_nor_a_gpu():
 
 def test_fast_path_falls_back_to_compile_without_sdtm_graphs(monkeypatch):
     gpu_check = _gpu_check_module()
-    monkeypatch.setattr(gpu_check, "graphs_module", lambda: (None, "sdtm.graphs cannot be used (ImportError: x)"))
+    monkeypatch.setattr(gpu_check, "graphs_module", lambda: (None, "sdtm.core.graphs cannot be used (ImportError: x)"))
     threads = str(torch.get_num_threads())  # resolve() sets torch's thread count: keep this process's
     args = gpu_check.resolve(gpu_check.parse_args(["--device", "cpu", "--tiny", "--fast", "graphs",
                                                    "--threads", threads]))

@@ -1,4 +1,4 @@
-"""CUDA-graph replay (sdtm/graphs.py): one graph per distinct call, static inputs, outputs copied, the same
+"""CUDA-graph replay (sdtm/core/graphs.py): one graph per distinct call, static inputs, outputs copied, the same
 results as eager calls in every generation. On the CPU a stand-in capture 'replays' by running the
 captured call again on the graph's static inputs, which exercises everything but the CUDA driver."""
 
@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from support import SD3_SPEC, generate, requires_cuda
 from sdtm import SDTMConfig, apply_SDTM, remove_SDTM, sdtm_state
-from sdtm.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
+from sdtm.core.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
 from sdtm.tiny import tiny_pipeline
 
 
@@ -44,7 +44,7 @@ def pipe():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_sdtm_with_graphs_equals_eager_in_every_generation(pipe, backend):
-    from sdtm.ops import cpp_unavailable_reason
+    from sdtm.core.ops import cpp_unavailable_reason
 
     if backend == "cpp" and cpp_unavailable_reason() is not None:
         pytest.skip(cpp_unavailable_reason())

@@ -1,12 +1,12 @@
-"""sdtm.macs: checking transformer configs, the latent factor of a diffusers folder, counting limits,
+"""sdtm.cli.macs: checking transformer configs, the latent factor of a diffusers folder, counting limits,
 PixArt's and Flux's MACs against hand counts, the family's default switch step, and the Flux presets."""
 
 import json
 
 import pytest
 
-from sdtm.config import SDTMConfig
-from sdtm.macs import PRESETS, VAE_SCALE, default_text_tokens, load_config, load_vae_scale, schedule_macs
+from sdtm.core.config import SDTMConfig
+from sdtm.cli.macs import PRESETS, VAE_SCALE, default_text_tokens, load_config, load_vae_scale, schedule_macs
 
 TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=8, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
@@ -182,7 +182,7 @@ def test_default_text_tokens_per_model():
 def test_pixart_sigma_preset_cli(capsys):
     """PixArt-Sigma at 1024 x 1024, 50 steps, batch 2, SDTM defaults: the unmerged step matches the hand
     count of 28 blocks of width 1152 on 4096 image and 300 text tokens, and SDTM saves MACs."""
-    from sdtm.__main__ import main
+    from sdtm.cli.main import main
 
     assert main(["macs", "--config", "pixart-sigma", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -235,7 +235,7 @@ def test_pixart_config_errors_name_the_file_and_the_key(tmp_path, changes, expec
 
 
 def test_load_config_turns_failures_of_the_trial_run_into_value_errors(tmp_path, monkeypatch):
-    from sdtm import macs
+    from sdtm.cli import macs
 
     def fail(self, latent_h, latent_w):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x12 and 16x24)\nmore")
@@ -412,7 +412,7 @@ def test_flux_schedule_matches_a_real_run():
 def test_flux_presets_cli(capsys, preset, steps, text_tokens, guidance):
     """FLUX.1 at 1024 x 1024 (64 x 64 packed tokens), batch 2, SDTM defaults: the unmerged step matches the
     hand count of 19 double-stream and 38 single-stream blocks of width 3072, and SDTM saves MACs."""
-    from sdtm.__main__ import main
+    from sdtm.cli.main import main
 
     argv = ["macs", "--config", preset, "--json"] + (["--steps", str(steps)] if steps else [])
     assert main(argv) == 0

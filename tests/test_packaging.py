@@ -26,7 +26,7 @@ def _declared() -> set[str]:
 
 def _third_party_imports(folder: Path) -> set[str]:
     modules = set()
-    for path in folder.glob("*.py"):
+    for path in folder.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)

@@ -119,7 +119,7 @@ def test_transformer_alone_needs_the_scheduler(sd3_pipe):
     "height, width", [(24, 56), (26, 30), (34, 22)], ids=["nonsquare-12x28", "odd-13x15", "odd-17x11"]
 )
 def test_non_square_and_odd_grids(sd3_pipe, monkeypatch, height, width):
-    from sdtm import engine as block_module
+    from sdtm.core import engine as block_module
 
     plans = []
     original = block_module.compute_plan
@@ -239,7 +239,7 @@ def test_block_called_outside_the_transformer_is_an_error(sd3_pipe):
 def test_step_found_from_a_view_or_from_the_value(sd3_pipe):
     """A timestep that is a view into the scheduler's timesteps is located by address (no sync); a copied or
     cast one by value; one that is not in the schedule is an error."""
-    from sdtm.state import SDTMState
+    from sdtm.core.state import SDTMState
 
     scheduler = sd3_pipe.scheduler
     scheduler.set_timesteps(10)

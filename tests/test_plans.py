@@ -3,8 +3,8 @@
 import torch
 
 import spec_oracle
-from sdtm import reference as R
-from sdtm.plans import (
+from sdtm.core import reference as R
+from sdtm.core.plans import (
     Grid,
     idm_candidates,
     idm_destinations,
@@ -14,7 +14,7 @@ from sdtm.plans import (
     ssm_plan,
     update_merge_age,
 )
-from sdtm.reference import window_tokens
+from sdtm.core.reference import window_tokens
 
 
 def one_hot(index: int, channels: int) -> torch.Tensor:

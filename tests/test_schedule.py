@@ -3,7 +3,7 @@ import math
 import pytest
 
 from sdtm import SDTMConfig
-from sdtm.schedule import (
+from sdtm.core.schedule import (
     BlockMode,
     Phase,
     block_action,

@@ -6,8 +6,8 @@ import torch
 import spec_oracle
 from support import generate
 from sdtm import apply_SDTM, sdtm_state
-from sdtm import engine as block_module
-from sdtm.schedule import Phase
+from sdtm.core import engine as block_module
+from sdtm.core.schedule import Phase
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (40, 56)], ids=["16x16", "20x28"])

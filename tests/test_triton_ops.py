@@ -7,8 +7,8 @@ import torch
 from support import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, op_inputs, relative_difference
 from support import requires_cuda, requires_triton
 from sdtm import apply_SDTM
-from sdtm import reference as R
-from sdtm.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+from sdtm.core import reference as R
+from sdtm.core.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
 pytestmark = requires_triton
 
@@ -23,7 +23,7 @@ SHAPE_IDS = ["B{}-H{}-W{}-C{}-win{}x{}".format(*s) for s in SHAPES]
 
 @pytest.fixture(scope="module")
 def triton_ops():
-    from sdtm.ops import ops_for
+    from sdtm.core.ops import ops_for
 
     return ops_for("triton", TRITON_DEVICE)
 
@@ -242,7 +242,7 @@ def test_triton_custom_ops_match_the_launchers():
     ids=["8x16", "13x15-pseudo", "16x16-win2x3", "9x9-empty", "1x1-no-window", "64x64"],
 )
 def test_triton_ssm_plan_equals_torch_plan(triton_ops, shape, reduce_num, pseudo):
-    from sdtm.plans import ssm_plan
+    from sdtm.core.plans import ssm_plan
 
     grid, x, _, g = _inputs(shape, torch.float32)
     scores = R.window_scores(x, None, grid.height, grid.width, grid.sy, grid.sx, 0.0)

@@ -1,13 +1,13 @@
-// The detail-phase ("IDM") plan in two ops, each the same result as its torch twin in sdtm.plans:
+// The detail-phase ("IDM") plan in two ops, each the same result as its torch twin in sdtm.core.plans:
 //
 // idm_candidates: the destination of every complete window (the token of largest merge age, the first
 //   on ties, as torch.argmax; or the given positions while there is no merge age) and the source
 //   candidates: dst_idx [B, W] token indices and src_idx [B, W * (K - 1)], window after window, each
-//   window's sources in position order (sdtm.plans.idm_destinations followed by idm_candidates).
+//   window's sources in position order (sdtm.core.plans.idm_destinations followed by idm_candidates).
 // idm_plan: from bipartite_match's (score, best), the r best-scoring sources (stable descending order:
 //   on equal scores the earlier source wins) join the group of their best destination; destination j
 //   is group j. Rows: the unmerged tokens first, in token order, then one row per group, its
-//   destination first and then its sources in token order (sdtm.plans.idm_plan and _assemble).
+//   destination first and then its sources in token order (sdtm.core.plans.idm_plan and _assemble).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>

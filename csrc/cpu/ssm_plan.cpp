@@ -1,5 +1,5 @@
 // ssm_plan: the structure-phase merge plan in one op, from the window scores and destination positions
-// (the same plan as sdtm.plans.ssm_plan). Per sample: the n_win best windows (stable order on ties) merge
+// (the same plan as sdtm.core.plans.ssm_plan). Per sample: the n_win best windows (stable order on ties) merge
 // whole; unmerged tokens take rows 0..U-1 in token order, selected window g (in window order) takes row
 // U + g, its destination first among its members, then its sources in position order.
 #include <ATen/ATen.h>

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from .. import engine, norms
-from ..schedule import BlockMode
-from ..state import BlockLink
+from ..core import engine, norms
+from ..core.schedule import BlockMode
+from ..core.state import BlockLink
 from .base import CallInfo, ModelAdapter, argument
 
 FLUX_TIMESTEP_SCALE = 1000.0

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from diffusers.models.attention import _chunked_feed_forward
 
-from .. import engine
-from ..schedule import BlockMode
-from ..state import BlockLink
+from ..core import engine
+from ..core.schedule import BlockMode
+from ..core.state import BlockLink
 from .base import CallInfo, ModelAdapter, argument, latent_grid
 
 

@@ -3,7 +3,7 @@
 Image stream: norm1 -> plan -> [merge] -> attn (joint with the text tokens) -> [unmerge + blend +
 gate + residual]; (SD3.5 dual attention: attn2 on norm1's second output, merged with the same plan);
 [norm2 + modulation + merge] -> ff -> [unmerge + blend + gate + residual]. The text stream is diffusers'
-own. In merged blocks the adaptive LayerNorms go through the backend's fused ops (sdtm/norms.py), and
+own. In merged blocks the adaptive LayerNorms go through the backend's fused ops (sdtm/core/norms.py), and
 without autograd the residual stream and the caches are updated in place (``engine.finish_sublayer``).
 
 What a block does at a step was decided on the host before the transformer ran (``BlockLink``, set by
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from diffusers.models.attention import _chunked_feed_forward
 
-from .. import engine, norms
-from ..schedule import BlockMode
-from ..state import BlockLink
+from ..core import engine, norms
+from ..core.schedule import BlockMode
+from ..core.state import BlockLink
 from .base import CallInfo, ModelAdapter, argument, latent_grid
 
 

@@ -10,7 +10,7 @@ import torch
 
 from . import graphs
 from .config import SDTMConfig
-from .models import adapter_for
+from ..models import adapter_for
 from .ops import check_backend
 from .state import BlockLink, SDTMState
 

@@ -2,7 +2,7 @@
 
 Every block's multiply-accumulates are counted once per token count with torch's FlopCounterMode on a
 meta-device copy of the block, split into the feed-forward and the rest (the attention side: what merges
-with the attention in the structure phase); the schedule (sdtm.schedule) then says how many image tokens
+with the attention in the structure phase); the schedule (sdtm.core.schedule) then says how many image tokens
 each side sees at each step. The plan's own matmul (IDM's source x destination cosine similarities) is
 counted too; SSM's window scores are elementwise work of O(W K^2 C) and are not.
 
@@ -40,8 +40,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import SDTMConfig
-from .schedule import BlockAction, BlockMode, Phase, action_for_sublayers, block_action, merged_tokens
+from ..core.config import SDTMConfig
+from ..core.schedule import BlockAction, BlockMode, Phase, action_for_sublayers, block_action, merged_tokens
 
 TEXT_TOKENS = 333  # SD3: 77 CLIP + 256 T5 tokens
 PIXART_SIGMA_TEXT_TOKENS = 300  # PixArt-Sigma's T5 sequence length
@@ -288,7 +288,7 @@ _CLASS_LIST = f"{SD3_CLASS}, {PIXART_CLASS} or {FLUX_CLASS}"
 
 def _adapter(family: _Family):
     """SDTM's model adapter of ``family`` (its blocks, sub-layer kinds and default switch step)."""
-    from .models import ADAPTERS
+    from ..models import ADAPTERS
 
     return next(adapter for adapter in ADAPTERS if adapter.transformer_class == family.class_name)
 

@@ -195,7 +195,7 @@ class SDTMState:
         if self.config.switch_step is not None:
             return self.config
         if self._resolved is None or self._resolved[0] != self.num_steps:
-            from .models import SD3Adapter  # the reference's fixed default where no model is known
+            from ..models import SD3Adapter  # the reference's fixed default where no model is known
 
             adapter = self.adapter if self.adapter is not None else SD3Adapter()
             self._resolved = (self.num_steps, adapter.resolve_config(self.config, self.num_steps))
@@ -284,7 +284,7 @@ class SDTMState:
 
     def graph_signature(self) -> tuple:
         """What a captured CUDA graph of the current call depends on beyond the call's own inputs: every
-        block's action and the addresses of the tensors it reads and writes (sdtm/graphs.py)."""
+        block's action and the addresses of the tensors it reads and writes (sdtm/core/graphs.py)."""
 
         def address(tensor: torch.Tensor | None) -> int | None:
             return None if tensor is None else tensor.data_ptr()

@@ -1,7 +1,7 @@
 """The one dispatch point of the fused ops: picks the implementation of a backend for a device.
 
 Backends:
-    "torch":  sdtm.reference, pure torch, any device.
+    "torch":  sdtm.core.reference, pure torch, any device.
     "cpp":    the compiled CPU ops of ``csrc/`` (``torch.ops.sdtm.*``), CPU tensors.
     "triton": the Triton ops of ``sdtm_kernels/``, CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
     "auto":   the fastest backend built for the tensors' device, else "torch".
@@ -33,10 +33,10 @@ def idm_candidates(
 
 @dataclass(frozen=True)
 class OpSet:
-    """The ops of one backend, all with the signatures of ``sdtm.reference`` (``unmerge_into`` is
+    """The ops of one backend, all with the signatures of ``sdtm.core.reference`` (``unmerge_into`` is
     ``unmerge`` writing into given tensors; ``norm_modulate(_merge)`` the block's adaptive LayerNorm,
     alone or fused with merge), and the builders of the plans of each phase (signatures of
-    ``sdtm.plans.ssm_plan`` and ``sdtm.plans.idm_plan``; the detail phase's candidates with the
+    ``sdtm.core.plans.ssm_plan`` and ``sdtm.core.plans.idm_plan``; the detail phase's candidates with the
     signature of ``idm_candidates`` above)."""
 
     name: str

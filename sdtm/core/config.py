@@ -41,7 +41,7 @@ class SDTMConfig:
             The caches hold 2 (3 with dual attention) x layers x B x N x C values. True.
         backend: "torch" (pure-torch reference ops), "cpp" (compiled CPU ops), "triton" (GPU ops), or
             "auto" (the fastest one built for the tensors' device). "auto".
-        cuda_graphs: replay the transformer's calls as CUDA graphs, one per distinct step (sdtm/graphs.py);
+        cuda_graphs: replay the transformer's calls as CUDA graphs, one per distinct step (sdtm/core/graphs.py);
             needs the model on a CUDA device. Changes no output. False.
     """
 

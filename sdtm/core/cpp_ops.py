@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+from .. import _C  # noqa: F401  (registers the ops)
 from .ops import OpSet
 from .plans import Grid, MergePlan
 from .schedule import sources_to_merge, windows_to_merge
@@ -59,7 +59,7 @@ def _ssm_plan_fake(window_scores, dst_position, grid_h, grid_w, sy, sx, n_win, p
 
 def _ssm_plan(window_scores: torch.Tensor, grid: Grid, reduce_num: int, dst_position: torch.Tensor,
               pseudo_merge: bool) -> MergePlan:
-    """``sdtm.plans.ssm_plan`` as one compiled op (same arguments, identical plan)."""
+    """``sdtm.core.plans.ssm_plan`` as one compiled op (same arguments, identical plan)."""
     n_win = windows_to_merge(reduce_num, grid.window_size, window_scores.shape[1])
     slot, blend, members, offsets, independent = torch.ops.sdtm.ssm_plan(
         window_scores, dst_position, grid.height, grid.width, grid.sy, grid.sx, n_win, pseudo_merge
@@ -86,14 +86,14 @@ def _idm_plan_fake(score, best, src_idx, dst_idx, num_tokens, r, pseudo_merge):
 
 def _idm_candidates(grid: Grid, merge_age: torch.Tensor | None,
                     fallback_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sdtm.plans.idm_destinations`` then ``idm_candidates`` as one compiled op (same arguments as
-    ``sdtm.ops.idm_candidates``, identical indices)."""
+    """``sdtm.core.plans.idm_destinations`` then ``idm_candidates`` as one compiled op (same arguments as
+    ``sdtm.core.ops.idm_candidates``, identical indices)."""
     return torch.ops.sdtm.idm_candidates(merge_age, fallback_position, grid.height, grid.width, grid.sy, grid.sx)
 
 
 def _idm_plan(grid: Grid, reduce_num: int, src_idx: torch.Tensor, dst_idx: torch.Tensor, score: torch.Tensor,
               best: torch.Tensor, pseudo_merge: bool) -> MergePlan:
-    """``sdtm.plans.idm_plan`` as one compiled op (same arguments, identical plan)."""
+    """``sdtm.core.plans.idm_plan`` as one compiled op (same arguments, identical plan)."""
     r = sources_to_merge(reduce_num, src_idx.shape[1])
     slot, blend, members, offsets, independent = torch.ops.sdtm.idm_plan(
         score, best, src_idx, dst_idx, grid.num_tokens, r, pseudo_merge

@@ -1,12 +1,12 @@
 """CUDA-graph replay of a transformer's calls: each distinct call is captured once and replayed after.
 
-    >>> from sdtm.graphs import enable_cuda_graphs, disable_cuda_graphs
+    >>> from sdtm.core.graphs import enable_cuda_graphs, disable_cuda_graphs
     >>> enable_cuda_graphs(pipe.transformer)      # doctest: +SKIP  (or apply_SDTM(pipe, cuda_graphs=True))
 
 A call's signature is what its kernels depend on: the shapes, dtypes and devices of its tensor
 arguments, its other arguments by value and, with SDTM applied, every block's action at that step (mode,
 phase, the merged token count) and the addresses of the tensors SDTM reads and writes (merge age, caches,
-random destinations; allocated once, see sdtm/state.py). The first call of a signature runs eagerly (its
+random destinations; allocated once, see sdtm/core/state.py). The first call of a signature runs eagerly (its
 result is returned) and is then captured; later calls copy their tensor arguments into the captured
 graph's static inputs, replay it and return copies of its outputs. Every graph allocates from one
 shared memory pool.

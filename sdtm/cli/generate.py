@@ -20,7 +20,7 @@ the VAE factor times 2 (its 2x2 packing); SD3's token grid must fit its position
 switch step defaults to the family's (``ModelAdapter.resolve_config``: 20 for SD3, the first 40% of the
 steps for Flux and PixArt), recorded as a number in the manifest.
 
-One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, see ``sdtm.prompts``), and
+One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, see ``sdtm.cli.prompts``), and
 ``OUT/manifest.json`` (strict JSON: no NaN or Infinity)::
 
     {"settings": {"model", "pipeline", "prompts", "steps", "height", "width", "guidance", "batch_size",
@@ -74,7 +74,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .cli_options import add_sdtm_options, config_from_args, positive_int
-from .config import SDTMConfig
+from ..core.config import SDTMConfig
 from .prompts import Prompt, load_prompts, single_prompt
 
 MANIFEST_NAME = "manifest.json"
@@ -182,8 +182,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sdtm.generate ...``: the same options as ``sdtm generate``."""
-    parser = argparse.ArgumentParser(prog="python -m sdtm.generate", description="sdtm generate: " + DESCRIPTION)
+    """``python -m sdtm.cli.generate ...``: the same options as ``sdtm generate``."""
+    parser = argparse.ArgumentParser(prog="python -m sdtm.cli.generate", description="sdtm generate: " + DESCRIPTION)
     configure_parser(parser)
     return run(parser.parse_args(argv))
 
@@ -351,7 +351,7 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
         sdtm = resolve_switch_step(sdtm, info, args.steps)
     device = resolve_device(args.device, ranks)
     if sdtm is not None:
-        from .ops import ops_for
+        from ..core.ops import ops_for
 
         ops_for(sdtm.backend, device)  # raises ValueError if the backend cannot run on this device
         if sdtm.cuda_graphs and device.type != "cuda":
@@ -392,7 +392,7 @@ def resolve_guidance(given: float | None, info: ModelInfo) -> float | None:
 def resolve_switch_step(sdtm: SDTMConfig, info: ModelInfo, steps: int) -> SDTMConfig:
     """``sdtm`` with ``switch_step=None`` replaced by the family's default for ``steps`` steps (as
     apply_sdtm would resolve it), so that the manifest records the number."""
-    from .models import ADAPTERS
+    from ..models import ADAPTERS
 
     adapter = next(a for a in ADAPTERS if a.name == info.family.name)
     return adapter.resolve_config(sdtm, steps)
@@ -560,7 +560,7 @@ def load_pipeline(job: Job) -> Any:
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
-    from .patch import apply_sdtm
+    from ..core.patch import apply_sdtm
 
     if job.ranks.rank != 0:
         diffusers_logging.disable_progress_bar()

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import reference as R
-from .config import SDTMConfig
+from ..core import reference as R
+from ..core.config import SDTMConfig
 from .macs import schedule_macs
-from .ops import check_backend, cpp_unavailable_reason, ops_for, triton_unavailable_reason
-from .patch import apply_sdtm, remove_sdtm
-from .plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+from ..core.ops import check_backend, cpp_unavailable_reason, ops_for, triton_unavailable_reason
+from ..core.patch import apply_sdtm, remove_sdtm
+from ..core.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
 
 TEXT_TOKENS = 333
 # Every step a structure step at ratio 0.5: 4096 -> 2080 tokens on a 64 x 64 grid, exactly the token
@@ -230,7 +230,7 @@ def shaped_transformer(model: str, num_layers: int | None = None, heads: int | N
 
 
 def mac_config(transformer) -> dict:
-    """The transformer's config as ``sdtm.macs.schedule_macs`` reads it: its keys and ``_class_name``."""
+    """The transformer's config as ``sdtm.cli.macs.schedule_macs`` reads it: its keys and ``_class_name``."""
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     return {"_class_name": type(transformer).__name__, **config}
 
@@ -238,7 +238,7 @@ def mac_config(transformer) -> dict:
 def resolved_config(transformer, config: SDTMConfig, steps: int) -> SDTMConfig:
     """``config`` with ``switch_step=None`` replaced by the family's default for ``steps`` steps, as
     apply_sdtm resolves it during a generation (the MAC count needs the number)."""
-    from .models import adapter_for
+    from ..models import adapter_for
 
     return adapter_for(transformer).resolve_config(config, steps)
 
@@ -260,7 +260,7 @@ class Denoiser:
 
     def __init__(self, transformer, latent_h: int, latent_w: int, steps: int = 10, batch: int = 2, seed: int = 0,
                  text_tokens: int | None = None):
-        from .models import adapter_for
+        from ..models import adapter_for
 
         g = torch.Generator().manual_seed(seed)
         device, dtype = transformer.device, transformer.dtype
@@ -411,7 +411,7 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
 
 def sdtm_blocks(transformer) -> list:
     """The blocks SDTM patches in ``transformer`` (every kind, in module order)."""
-    from .models import adapter_for
+    from ..models import adapter_for
 
     return adapter_for(transformer).blocks(transformer)
 
@@ -456,9 +456,9 @@ def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), head
     unmerges (blend, cache refresh, gate, residual). The fused ops are counted whole although they also
     do the block's own norm, gate and residual work, so this is an upper bound of what SDTM adds."""
     check_cpu_backends(backends)
-    from .engine import compute_plan
-    from .schedule import BlockAction, BlockMode, Phase
-    from .state import BlockLink, CallStream, SDTMState
+    from ..core.engine import compute_plan
+    from ..core.schedule import BlockAction, BlockMode, Phase
+    from ..core.state import BlockLink, CallStream, SDTMState
 
     transformer = sd3_shaped_transformer(num_layers=2, heads=heads, sample_size=2 * max(grid))
     block = transformer.transformer_blocks[0]

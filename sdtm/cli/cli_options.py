@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import BACKENDS, SDTMConfig
+from ..core.config import BACKENDS, SDTMConfig
 
 _HELP = {
     "ratio": "mean share of image tokens removed, in [0, 1]",

@@ -14,10 +14,10 @@ import torch
 from tqdm import tqdm
 
 from .bench import mac_config
-from .config import SDTMConfig
+from ..core.config import SDTMConfig
 from .macs import schedule_macs
-from .patch import apply_SDTM, remove_SDTM, sdtm_state
-from .tiny import (TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds,
+from ..core.patch import apply_SDTM, remove_SDTM, sdtm_state
+from ..tiny import (TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds,
                    tiny_pipeline, tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds)
 
 # Large enough that the transformer dominates (2304 image tokens at the default 96 pixels, blocks of width
@@ -102,7 +102,7 @@ def demo_settings(model: str, steps: int, backend: str) -> dict:
 def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, batch: int):
     """Theoretical MACs on the meta device (FlopCounterMode does not see CPU flash attention in a real run),
     with the switch step resolved as the generation resolved it."""
-    from .models import adapter_for
+    from ..models import adapter_for
 
     config = adapter_for(pipe.transformer).resolve_config(SDTMConfig(**settings), steps)
     return schedule_macs(mac_config(pipe.transformer), size, size, steps, batch=batch, sdtm=config,
@@ -135,7 +135,7 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
     batch = "batch 2 (CFG)" if demo.batch == 2 else "batch 1 (guidance-distilled, no CFG)"
     print_fn(f"{demo.title}: {blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, "
              f"{steps} steps, {torch.get_num_threads()} threads")
-    from .models import adapter_for
+    from ..models import adapter_for
 
     switch_step = adapter_for(pipe.transformer).resolve_config(SDTMConfig(**settings), steps).switch_step
     family_default = " (the family's default)" if settings["switch_step"] is None else ""

@@ -53,10 +53,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
-from .config import SDTMConfig
-from .ops import cpp_unavailable_reason, ops_for, triton_unavailable_reason
-from .patch import apply_sdtm, sdtm_state
-from .tiny import TinySpec, tiny_transformer
+from ..core.config import SDTMConfig
+from ..core.ops import cpp_unavailable_reason, ops_for, triton_unavailable_reason
+from ..core.patch import apply_sdtm, sdtm_state
+from ..tiny import TinySpec, tiny_transformer
 
 OUTSIDE = -1  # the region of ops run outside any block (embeddings, output layers, SDTM's pre-hook)
 UNMERGED = "unmerged"
@@ -514,7 +514,7 @@ def host_backends(backends: list[str] | None = None) -> list[tuple[str, torch.de
                 raise ValueError(f"backend='cpp' is not available: {cpp_unavailable_reason()}.")
             if name == "triton":
                 raise ValueError("the host benchmark times triton on a CUDA device only; on the CPU, count its "
-                                 "launches with sdtm.host_bench.triton_block_launches under TRITON_INTERPRET=1.")
+                                 "launches with sdtm.cli.host_bench.triton_block_launches under TRITON_INTERPRET=1.")
             raise ValueError(f"unknown backend {name!r}.")
     return [(name, device) for name, device in available if name in backends]
 

@@ -1,0 +1,1 @@
+"""The ``sdtm`` command line: demo, generate, macs, bench."""

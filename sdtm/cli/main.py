@@ -1,0 +1,349 @@
+"""The ``sdtm`` command line (also ``python -m sdtm``): demo, generate, macs, bench.
+
+Bad arguments exit with code 2 and one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from typing import Callable
+
+from .cli_options import add_sdtm_options, config_from_args, positive_int
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (``sdtm <command>: <reason>``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _even(text: str) -> int:
+    value = positive_int(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even, got {value}")
+    return value
+
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser(
+        "demo", help="generate on a tiny built-in SD3, Flux.1 or PixArt-Sigma pipeline with and without SDTM "
+                     "and compare",
+        description="Builds a tiny pipeline of the --model family from config (random weights, no downloads), "
+                    "generates with and without SDTM, prints latency, MACs, speedup and tokens per phase, and "
+                    "writes a PNG (the two images side by side and the tokens per step). SD3 and PixArt run "
+                    "classifier-free guidance (batch 2), Flux.1 is guidance-distilled (batch 1). SDTM's switch "
+                    "step: SD3 step round(steps x 20 / 50) (the reference's 20 of 50), Flux and PixArt their "
+                    "family's default (the first 40% of the steps).")
+    demo.add_argument("--model", choices=["sd3", "flux", "pixart"], default="sd3",
+                      help="model family of the tiny pipeline (default sd3)")
+    demo.add_argument("--size", type=_even, default=96,
+                      help="image side in pixels (default 96: 48x48 tokens; the tiny VAE does not down-sample; "
+                           "sd3: at most 96)")
+    demo.add_argument("--steps", type=positive_int, default=12, help="denoising steps (default 12)")
+    demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
+    demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
+    demo.add_argument("--out", default=".", help="folder for sdtm_demo.png (default: the current folder)")
+
+
+def _add_macs(commands) -> None:
+    macs = commands.add_parser(
+        "macs", help="theoretical MACs of a whole schedule, unmerged and with SDTM (meta device)",
+        description="Counts the multiply-accumulates of every transformer call of a generation on the meta "
+                    "device (no weights, no memory), without and with SDTM, with a per-phase breakdown.")
+    macs.add_argument("--config", required=True,
+                      help="sd3-medium, sd3.5-medium, sd3.5-large, pixart-sigma, pixart-alpha, flux-dev, flux-schnell, a transformer config.json or a diffusers folder")
+    macs.add_argument("--height", type=positive_int, default=1024)
+    macs.add_argument("--width", type=positive_int, default=1024)
+    macs.add_argument("--steps", type=positive_int, default=50)
+    macs.add_argument("--batch", type=positive_int, default=2, help="batch per transformer call (2 with CFG)")
+    macs.add_argument("--text-tokens", type=positive_int, help="text tokens (default: 333 SD3, 300 Sigma, 120 alpha, 512 Flux dev, 256 Flux schnell)")
+    macs.add_argument("--json", action="store_true", help="print one JSON object")
+    macs.add_argument("--plot", help="write tokens and MACs per step to this PNG")
+    add_sdtm_options(macs, with_disable=False, family_switch_step=True)
+
+
+# Options of `sdtm bench host` only: (flag, type, default, help).
+_HOST_OPTIONS = (
+    ("--steps", positive_int, 12, "denoising steps (default 12)"),
+    ("--switch-step", int, 5, "last structure-phase step (default 5: protected, structure and detail steps)"),
+    ("--layers", positive_int, 24, "joint blocks (default 24, SD3-medium)"),
+    ("--grid", positive_int, 16, "image token grid side (default 16: 16x16 tokens)"),
+    ("--text-tokens", positive_int, 16, "text tokens (default 16)"),
+    ("--heads", positive_int, 1, "attention heads (default 1)"),
+    ("--head-dim", positive_int, 16, "width of a head (default 16)"),
+    ("--ratio", float, 0.3, "SDTM's ratio (default 0.3, as apply_SDTM)"),
+    ("--deviation", float, 0.2, "SDTM's deviation (default 0.2, as apply_SDTM)"),
+    ("--threads", positive_int, 1, "torch CPU threads while timing (default 1)"),
+    ("--compile", str, "eager", "torch.compile backend of the compiled variants: eager (default: dynamo's "
+                                "graphs, quickest to compile), aot_eager (plus AOT autograd's functionalisation "
+                                "and runtime wrappers), inductor, or none (eager variants only)"),
+)
+
+
+def _add_bench(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="time the backends on this machine (kernels, one block's SDTM share, end to end, or "
+                      "the host's cost per step)",
+        description="Times each available backend on this machine, rounds interleaved, and reports medians "
+                    "and ratios with the machine's description. e2e: a transformer of the --model family's "
+                    "shape, shrunk for the CPU, over a whole denoising schedule, unmerged and with SDTM per "
+                    "backend, against the theoretical MAC ratio (meta device); and SDTM at ratio 0.5 in "
+                    "every step against the unmerged model on as many tokens. host: an SD3-medium topology with tensors "
+                    "shrunk until compute is small, unmerged and SDTM per backend, eager and compiled: host "
+                    "time per denoising step and launches (dispatched ops) per step and per block by phase.")
+    bench.add_argument("what", choices=["kernels", "block", "e2e", "host"])
+    bench.add_argument("--model", choices=["sd3", "flux", "pixart"], default=None,
+                       help="e2e only: the transformer's family (default sd3): SD3-shaped (C=768, 2 blocks, "
+                            "333 text tokens, batch 2), FLUX.1-dev-shaped (C=768, 1 double-stream + 2 "
+                            "single-stream blocks, 512 text tokens, batch 1: guidance-distilled) or "
+                            "PixArt-Sigma-shaped (C=576, 2 blocks, 300 text tokens, batch 2); 64x64 tokens, "
+                            "10 steps, SDTM's defaults with the family's switch step")
+    bench.add_argument("--rounds", type=positive_int, default=5)
+    bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
+                       help="backends to compare (kernels: default every one available here, torch always "
+                            "timed as the reference; block, e2e: default torch and cpp, run on the CPU; host: "
+                            "default torch and cpp on the CPU, and triton where a CUDA device is)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--plot", help="write a bar chart of the speedups to this PNG")
+    host = bench.add_argument_group("host only")
+    for flag, kind, default, text in _HOST_OPTIONS:
+        host.add_argument(flag, type=kind, default=None, help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for diffusion transformers "
+                                              "(SD3 / SD3.5, Flux.1, PixArt-alpha / Sigma).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_demo(commands)
+    from . import generate
+
+    generate.add_parser(commands)
+    _add_macs(commands)
+    _add_bench(commands)
+    return parser
+
+
+def _check_plot_path(path: str) -> None:
+    """Raise a ValueError unless ``path`` names a file that can be written as a plot: an image extension
+    matplotlib writes, in an existing writable folder, not a folder itself."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path!r} is a folder; name a file in it, such as {os.path.join(path, 'plot.png')!r}.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--plot {path!r}: the folder {folder!r} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--plot {path!r}: the folder {folder!r} is not writable.")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise ValueError(f"--plot {path!r} must end in an image extension matplotlib writes "
+                         f"({', '.join('.' + f for f in sorted(formats))}), e.g. .png.")
+
+
+def _write_plot(write: Callable[[str], None], path: str) -> None:
+    """Call ``write(path)``; a ValueError saying why when the file cannot be written."""
+    try:
+        write(path)
+    except OSError as error:
+        raise ValueError(f"cannot write --plot {path!r}: {error.strerror or error}.") from None
+
+
+def _run_macs(args) -> int:
+    from .macs import format_report, load_config, load_vae_scale, plot_report, schedule_macs
+
+    if args.plot:
+        _check_plot_path(args.plot)
+    config = load_config(args.config)
+    report = schedule_macs(config, args.height, args.width, args.steps, args.batch, config_from_args(args),
+                           text_tokens=args.text_tokens, vae_scale=load_vae_scale(args.config))
+    if args.plot:
+        _write_plot(lambda path: plot_report(report, path), args.plot)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(format_report(report, args.config))
+    return 0
+
+
+def _check_demo_args(args) -> None:
+    """Raise a ValueError before any work when the demo's options cannot run: an image larger than the
+    tiny model's positional table (SD3), an output folder that is missing or read-only, a backend that
+    does not run on the CPU (where the demo runs)."""
+    import torch
+
+    from .demo import DEMO_MODELS
+    from ..core.ops import ops_for
+
+    largest = DEMO_MODELS[args.model].max_size
+    if largest is not None and args.size > largest:
+        raise ValueError(f"--size {args.size} is larger than the {args.model} demo model's positional table "
+                         f"allows; use at most {largest}.")
+    if not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is not a folder.")
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f"--out {args.out!r} is not writable.")
+    ops_for(args.backend, torch.device("cpu"))
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' import-time notices (the demo has no text encoders or image processors)."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.set_verbosity_error()
+
+
+def _run_demo(args) -> int:
+    _check_demo_args(args)
+    _quiet_transformers()
+    from .demo import run_demo
+
+    run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out,
+             model=args.model)
+    return 0
+
+
+def _host_setting(args):
+    """The HostSetting and compile backend of `sdtm bench host`'s options; ValueError for options of host
+    given to another benchmark, or for values that cannot run."""
+    given = [flag for flag, *_ in _HOST_OPTIONS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.what != "host":
+        if given:
+            raise ValueError(f"{', '.join(given)}: options of `sdtm bench host` only.")
+        return None, None
+    values = {flag[2:].replace("-", "_"): default for flag, _, default, _ in _HOST_OPTIONS}
+    values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
+    from .host_bench import COMPILE_BACKENDS, HostSetting
+
+    compile_backend = values.pop("compile")
+    if compile_backend not in COMPILE_BACKENDS + ("none",):
+        choices = ", ".join(COMPILE_BACKENDS + ("none",))
+        raise ValueError(f"--compile must be one of {choices}, got {compile_backend!r}.")
+    return HostSetting(**values), None if compile_backend == "none" else compile_backend
+
+
+def _run_host_bench(args, setting, compile_backend, requested):
+    from .host_bench import bench_host, format_host_report, host_backends
+
+    host_backends(requested)  # a backend that cannot run here fails before any work
+    result = bench_host(setting, requested, rounds=args.rounds, compile_backend=compile_backend,
+                        progress=not args.json)
+    labels, values = [], []
+    for mode, per_backend in result["ratios"].items():
+        for backend, ratio in per_backend.items():
+            labels.append(f"{mode}\n{backend}")
+            values.append(ratio["host_time"])
+    return result, labels, values, format_host_report(result).splitlines()
+
+
+def _run_bench(args) -> int:
+    from .bench import bench_block_share, bench_e2e, bench_kernels, machine_info
+
+    setting, compile_backend = _host_setting(args)
+    if args.model is not None and args.what != "e2e":
+        raise ValueError(f"--model: an option of `sdtm bench e2e` only, not of `sdtm bench {args.what}`.")
+    if args.plot:
+        _check_plot_path(args.plot)
+    requested = list(dict.fromkeys(args.backends)) if args.backends else None
+    info = machine_info()
+    if args.what == "host":
+        result, labels, values, text = _run_host_bench(args, setting, compile_backend, requested)
+    elif args.what == "kernels":
+        rows = bench_kernels([(64, 64), (32, 32), (48, 84)], rounds=args.rounds, progress=not args.json,
+                             backends=requested)
+        result = {"machine": info, "kernels": [asdict(r) for r in rows]}
+        labels = [f"{r.op}\n{r.shape.split('-')[0]} {r.backend}" for r in rows if r.backend != "torch"]
+        values = [r.speedup_vs_torch for r in rows if r.backend != "torch"]
+        text = [f"{'op':16}{'shape':22}{'backend':9}{'device':7}{'median ms':>11}{'vs torch':>10}"]
+        text += [f"{r.op:16}{r.shape:22}{r.backend:9}{r.device:7}{r.median_ms:>11.3f}{r.speedup_vs_torch:>9.2f}x"
+                 for r in rows]
+    elif args.what == "block":
+        backends = requested or ["torch", "cpp"]
+        shares = bench_block_share(backends, rounds=args.rounds, progress=not args.json)
+        result = {"machine": info, "block": [{**asdict(r), "share": r.share, "net_share": r.net_share}
+                                             for r in shares]}
+        labels = [f"{r.backend} {r.phase}" for r in shares]
+        values = [r.share * 100 for r in shares]
+        text = [f"SD3 block (C=1536, 64x64 image + 333 text tokens, batch 2): unmerged "
+                f"{shares[0].block_seconds * 1e3:.1f} ms, of which {shares[0].replaced_seconds * 1e3:.1f} ms "
+                "norm2 + modulation + gates + residual adds; added by SDTM at ratio 0.5 (plan, merges, unmerges):"]
+        text += [f"  {r.backend:8}{r.phase:5}{r.added_seconds * 1e3:>9.1f} ms  {r.share:.2%} of the block "
+                 f"({r.net_share:.2%} net of the block work the fused ops replace)" for r in shares]
+    else:
+        backends = requested or ["torch", "cpp"]
+        result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json,
+                                               model=args.model or "sd3")}
+        labels, values = backends, [result["speedup"][b] for b in backends]
+        (gh, gw), (sh, sw) = result["grids"]["sdtm"], result["grids"]["unmerged_equal_tokens"]
+        shape = result["transformer"]
+        text = [f"{shape['title']} (C={shape['channels']}, {shape['blocks']} blocks), {gh}x{gw} tokens + "
+                f"{shape['text_tokens']} text tokens, batch {shape['batch']}, {shape['steps']} steps, switch step "
+                f"{shape['switch_step']}; MAC ratio {result['mac_ratio']:.3f}",
+                f"  unmerged {result['seconds']['unmerged']:.2f} s"]
+        text += [f"  {b:8} {result['seconds'][b]:.2f} s  speedup {result['speedup'][b]:.3f}  "
+                 f"({result['realised_share'][b]:.1%} of the MAC ratio)" for b in backends]
+        text.append(f"ratio 0.5 every step on {gh}x{gw} vs unmerged {sh}x{sw} (equal token counts): "
+                    f"{result['overhead_seconds']['unmerged']:.2f} s unmerged")
+        text += [f"  {b:8} {result['overhead_seconds'][b]:.2f} s ({result['overhead_added'][b]:+.1%})"
+                 for b in backends]
+    if args.plot:
+        title = ("sdtm bench block: % of the block's time added" if args.what == "block"
+                 else "sdtm bench host: host time per step, SDTM / unmerged" if args.what == "host"
+                 else f"sdtm bench {args.what}: speedup over torch/unmerged")
+        ylabel = {"block": "% of the block's time", "host": "host time ratio"}.get(args.what, "speedup")
+        _write_plot(lambda path: _bar_plot(labels, values, path, title, ylabel), args.plot)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"machine: {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}, "
+              f"GPU {info['cuda'] or 'none'}")
+        print("\n".join(text))
+    return 0
+
+
+def _bar_plot(labels, values, path: str, title: str, ylabel: str = "speedup") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    if ylabel in ("speedup", "host time ratio"):
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _run_demo(args)
+        if args.command == "generate":
+            from . import generate
+
+            return generate.run(args)
+        if args.command == "macs":
+            return _run_macs(args)
+        return _run_bench(args)
+    except ValueError as error:
+        print(f"sdtm {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
