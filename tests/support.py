@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny pipelines, generation shortcuts, a readable closeness check.
+"""Shared test helpers: tiny pipelines, generation shortcuts, closeness checks that compare like with like.
 
 A module of its own (not conftest.py), so tests import it by a name no other folder uses."""
 
@@ -30,8 +30,19 @@ requires_triton = pytest.mark.skipif(
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def assert_same_layout(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """Assert that ``actual`` has the shape and dtype of ``expected`` (nothing broadcast, nothing cast)."""
+    label = name or "tensor"
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{label}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if actual.dtype != expected.dtype:
+        raise AssertionError(f"{label}: dtype {actual.dtype}, expected {expected.dtype}")
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, name: str = ""):
-    """assert_close that reports the relative RMS error and the first mismatches."""
+    """Element-wise closeness of two tensors of the same shape and dtype (checked first: no broadcasting),
+    reporting the relative RMS error and the first mismatches."""
+    assert_same_layout(actual, expected, name)
     actual_f, expected_f = actual.double(), expected.double()
     rms = (actual_f - expected_f).pow(2).mean().sqrt() / expected_f.pow(2).mean().sqrt().clamp_min(1e-30)
     bad = ~torch.isclose(actual_f, expected_f, rtol=rtol, atol=atol)
@@ -45,6 +56,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| of two tensors of the same shape (checked: no broadcasting), in float64."""
+    if a.shape != b.shape:
+        raise AssertionError(f"relative_difference: shape {tuple(a.shape)} against {tuple(b.shape)}")
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 

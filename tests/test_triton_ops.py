@@ -1,10 +1,13 @@
-"""Every Triton kernel against its torch twin (under Triton's interpreter on CPU without a GPU), the tiny
-pipelines with backend="triton", and GPU-only checks that skip without CUDA."""
+"""Every Triton kernel against its torch twin (under Triton's interpreter on CPU without a GPU): each output
+of the same shape and dtype as the twin's, and close to it; the tiny pipelines with backend="triton", and
+GPU-only checks that skip without CUDA. No wall-clock assertion (the kernels' speed is measured in
+benchmarks/test_bench_*.py)."""
 
 import pytest
 import torch
 
-from support import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, generate, op_inputs, relative_difference
+from support import SD3_SPEC, SD35_SPEC, TRITON_DEVICE, assert_close, assert_same_layout, generate, op_inputs
+from support import relative_difference
 from support import requires_cuda, requires_triton
 from sdtm import apply_SDTM
 from sdtm.core import reference as R
@@ -19,6 +22,7 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 # Small: the interpreter runs every program instance in numpy. (B, grid_h, grid_w, C, sy, sx)
 SHAPES = [(1, 4, 4, 1, 2, 2), (3, 5, 7, 7, 2, 2), (2, 6, 10, 33, 2, 3), (1, 7, 9, 20, 3, 3)]
 SHAPE_IDS = ["B{}-H{}-W{}-C{}-win{}x{}".format(*s) for s in SHAPES]
+PLAN_FIELDS = ("slot", "blend", "members", "offsets", "independent")
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,27 @@ def triton_ops():
     from sdtm.core.ops import ops_for
 
     return ops_for("triton", TRITON_DEVICE)
+
+
+def test_assert_close_refuses_other_shapes_and_dtypes():
+    """The closeness check of every op test compares like with like: no broadcast, no silent cast."""
+    x = torch.zeros(2, 5, 3)
+    assert_close(x, torch.zeros(2, 5, 3), 0.0, name="same")
+    with pytest.raises(AssertionError, match=r"narrow: shape \(2, 1, 3\), expected \(2, 5, 3\)"):
+        assert_close(torch.zeros(2, 1, 3), x, 1e-5, name="narrow")
+    with pytest.raises(AssertionError, match=r"wide: shape \(2, 5, 3\), expected \(2, 1, 3\)"):
+        assert_close(x, torch.zeros(2, 1, 3), 1e-5, name="wide")
+    with pytest.raises(AssertionError, match="half: dtype torch.float16, expected torch.float32"):
+        assert_close(x.half(), x, 1e-2, name="half")
+    with pytest.raises(AssertionError, match="index: dtype torch.int32, expected torch.int64"):
+        assert_same_layout(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int64), name="index")
+
+
+def _assert_plans_equal(actual, expected, context=""):
+    for name in PLAN_FIELDS:
+        got, want = getattr(actual, name), getattr(expected, name)
+        assert_same_layout(got, want, name=f"{context}{name}")
+        assert torch.equal(got, want), f"{context}{name}"
 
 
 def _inputs(shape, dtype, seed=0):
@@ -57,8 +82,9 @@ def test_triton_bipartite_match(triton_ops, shape, dtype, rtol, atol):
     pos = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
     src, dst = idm_candidates(grid, pos)
     score, best = triton_ops.bipartite_match(x, src, dst, prio, 0.05)
-    ref_score, _ = R.bipartite_match(x, src, dst, prio, 0.05)
+    ref_score, ref_best = R.bipartite_match(x, src, dst, prio, 0.05)
     assert_close(score, ref_score, 1e-5, 1e-5, name="score")
+    assert_same_layout(best, ref_best, name="best")
     # The chosen destination is a best one (ties within rounding may pick either).
     unit = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-8)
     c = x.shape[2]
@@ -73,6 +99,8 @@ def test_triton_bipartite_match_spans_destination_tiles(triton_ops):
     x[0, dst[0, 30]] = x[0, src[0, 3]] * 2.0
     score, best = triton_ops.bipartite_match(x, src, dst, None, 0.0)
     ref_score, ref_best = R.bipartite_match(x, src, dst, None, 0.0)
+    assert_close(score, ref_score, 1e-5, 1e-5, name="score")
+    assert_same_layout(best, ref_best, name="best")
     assert best[0, 3] == 30 and torch.equal(best, ref_best)
 
 
@@ -105,7 +133,6 @@ def test_triton_unmerge(triton_ops, shape, dtype, rtol, atol, fused):
             args = (y, plan.slot, plan.blend, cache, gate, residual, 0.1, store)
             (out, new_cache), (ref_out, ref_cache) = triton_ops.unmerge(*args), R.unmerge(*args)
             assert_close(out, ref_out, rtol, atol, name="unmerge out")
-            assert new_cache.shape == ref_cache.shape
             assert_close(new_cache, ref_cache, rtol, atol, name="unmerge cache")
 
 
@@ -207,32 +234,20 @@ def test_triton_gpu_large_shapes(triton_ops, dtype):
     assert_close(triton_ops.unmerge(*un_args)[0], R.unmerge(*un_args)[0], 1e-2, 1e-2, name="unmerge")
 
 
-@requires_cuda
-def test_triton_gpu_fp16_faster_than_twin(triton_ops):
-    """Speed sanity (not a benchmark): the fused merge and unmerge beat their torch twins on fp16."""
-    from torch.utils.benchmark import Timer
-
-    g = torch.Generator().manual_seed(0)
-    grid = Grid(64, 64, 2, 2)
-    x = torch.randn(2, 4096, 1536, generator=g).to("cuda", torch.float16)
-    prio = torch.rand(2, 4096, generator=g).cuda()
-    plan = next(_plans(grid, x, prio, g, 2048, False))
-    args = (x, plan.slot, plan.members, plan.offsets, False)
-    fused = Timer("f(*a)", globals={"f": triton_ops.merge, "a": args}).blocked_autorange(min_run_time=0.2).median
-    twin = Timer("f(*a)", globals={"f": R.merge, "a": args}).blocked_autorange(min_run_time=0.2).median
-    assert fused < twin, f"merge: triton {fused * 1e6:.0f} us vs torch {twin * 1e6:.0f} us"
-
-
 def test_triton_custom_ops_match_the_launchers():
     """torch.ops.sdtm_triton.* (what torch.compile sees) compute what the eager launchers compute."""
     from sdtm_kernels.registry import TRITON_OPS
 
     grid, x, prio, g = _inputs((2, 4, 6, 8, 2, 2), torch.float32)
     args = (x, prio, 4, 6, 2, 2, 0.05)
-    assert torch.equal(torch.ops.sdtm_triton.window_scores(*args), TRITON_OPS.window_scores(*args))
+    scores = torch.ops.sdtm_triton.window_scores(*args)
+    assert_close(scores, R.window_scores(*args), 1e-5, 1e-5, name="window_scores")
+    assert torch.equal(scores, TRITON_OPS.window_scores(*args))
     plan = next(_plans(grid, x, prio, g, 12, False))
     merge_args = (x, plan.slot, plan.members, plan.offsets, False)
-    assert torch.equal(torch.ops.sdtm_triton.merge(*merge_args), TRITON_OPS.merge(*merge_args))
+    merged = torch.ops.sdtm_triton.merge(*merge_args)
+    assert_close(merged, R.merge(*merge_args), 1e-5, 1e-6, name="merge")
+    assert torch.equal(merged, TRITON_OPS.merge(*merge_args))
 
 
 @pytest.mark.parametrize(
@@ -249,8 +264,7 @@ def test_triton_ssm_plan_equals_torch_plan(triton_ops, shape, reduce_num, pseudo
     position = random_or_first_positions(x.shape[0], grid.num_windows, grid.window_size, True, g, x.device)
     expected = ssm_plan(scores, grid, reduce_num, position, pseudo)
     actual = triton_ops.ssm_plan(scores, grid, reduce_num, position, pseudo)
-    for name in ("slot", "blend", "members", "offsets", "independent"):
-        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+    _assert_plans_equal(actual, expected)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -265,5 +279,4 @@ def test_triton_idm_plan_equals_torch_plan(triton_ops, shape, pseudo):
     for reduce_num in (0, 16, grid.num_tokens // 2, grid.num_tokens):
         expected = idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
         actual = triton_ops.idm_plan(grid, reduce_num, src, dst, score, best, pseudo)
-        for name in ("slot", "blend", "members", "offsets", "independent"):
-            assert torch.equal(getattr(actual, name), getattr(expected, name)), (reduce_num, name)
+        _assert_plans_equal(actual, expected, context=f"reduce_num {reduce_num}: ")
