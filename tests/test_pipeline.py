@@ -150,6 +150,12 @@ def test_odd_and_large_batches(sd3_pipe, batch, guidance):
     assert sdtm_state(sd3_pipe).streams[0].merge_age.shape[0] == batch * (2 if guidance > 1 else 1)
 
 
+# Relative difference of the latents merged (ratio 0.5) against unmerged, 5 steps, measured: fp16 0.0040,
+# bf16 0.0074 (float32: 0.0039). Bounds: a factor 4 either side, room for other random destination draws,
+# while an SDTM that merges nothing (0) or changes the image far more fails.
+HALF_PRECISION_EFFECT = {torch.float16: 0.0040, torch.bfloat16: 0.0074}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision(dtype):
     pipe = tiny_pipeline(SD3_SPEC, dtype=dtype)
@@ -159,7 +165,8 @@ def test_half_precision(dtype):
     apply_SDTM(pipe, ratio=0.5)
     merged = generate(pipe, dtype=dtype, num_inference_steps=5)
     assert merged.dtype == dtype and torch.isfinite(merged).all()
-    assert relative_difference(merged, expected) < 0.5
+    measured = HALF_PRECISION_EFFECT[dtype]
+    assert measured / 4 < relative_difference(merged, expected) < measured * 4
 
 
 def test_dual_attention_runs_on_merged_tokens(sd35_pipe):
