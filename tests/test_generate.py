@@ -206,6 +206,10 @@ def test_torchrun_two_processes_write_every_image_once(model, tmp_path):
         assert difference.max() <= 1
 
 
+ONE_OF = "give exactly one of --prompt TEXT and --prompts FILE."
+GUIDANCE = "--guidance must be a finite number >= 0 (values <= 1 switch guidance off), got "
+
+
 @pytest.mark.parametrize("case", ["no-model", "not-a-pipeline", "no-prompt-file", "empty-prompt-file",
                                   "blank-txt", "bad-json", "bad-entry", "extension", "both", "neither",
                                   "size", "too-large", "sdtm-setting", "out-is-file", "device",
@@ -214,40 +218,60 @@ def test_torchrun_two_processes_write_every_image_once(model, tmp_path):
                                   "device-meta", "device-absent",
                                   "prompt-surrogate", "json-surrogate", "json-surrogate-id"])
 def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, case):
+    """Each bad input exits 2 before loading the model, with one line that gives its own reason."""
     monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
     empty = write(tmp_path / "empty.json", "[]")
     good = write(tmp_path / "p.txt", "a cat\n")
-    argv = {
-        "no-model": ["--model", str(tmp_path / "missing"), "--prompts", good],
-        "not-a-pipeline": ["--model", str(tmp_path), "--prompts", good],
-        "no-prompt-file": ["--model", model, "--prompts", str(tmp_path / "missing.txt")],
-        "empty-prompt-file": ["--model", model, "--prompts", empty],
-        "blank-txt": ["--model", model, "--prompts", write(tmp_path / "blank.txt", "\n  \n")],
-        "bad-json": ["--model", model, "--prompts", write(tmp_path / "bad.jsonl", '{"caption": "a"}\n{oops\n')],
-        "bad-entry": ["--model", model, "--prompts", write(tmp_path / "entry.json", '[{"image_id": 1}]')],
-        "extension": ["--model", model, "--prompts", write(tmp_path / "p.csv", "a cat\n")],
-        "both": ["--model", model, "--prompts", good, "--prompt", "a cat"],
-        "neither": ["--model", model],
-        "size": ["--model", model, "--prompts", good, "--height", "33"],
-        "too-large": ["--model", model, "--prompts", good, "--height", "128"],
-        "sdtm-setting": ["--model", model, "--prompts", good, "--ratio", "0.9", "--deviation", "0.2"],
-        "out-is-file": ["--model", model, "--prompts", good],
-        "device": ["--model", model, "--prompts", good, "--device", "nonsense"],
-        "guidance-nan": ["--model", model, "--prompts", good, "--guidance", "nan"],
-        "guidance-inf": ["--model", model, "--prompts", good, "--guidance", "inf"],
-        "guidance-minus-inf": ["--model", model, "--prompts", good, "--guidance=-inf"],
-        "guidance-negative": ["--model", model, "--prompts", good, "--guidance", "-3"],
-        "sdtm-inf": ["--model", model, "--prompts", good, "--a-s", "inf"],
-        "cuda-graphs-on-cpu": ["--model", model, "--prompts", good, "--device", "cpu", "--cuda-graphs"],
-        "no-sdtm-with-sdtm-setting": ["--model", model, "--prompts", good, "--no-sdtm", "--ratio", "0.5"],
+    argv, reason = {
+        "no-model": (["--model", str(tmp_path / "missing"), "--prompts", good],
+                     f"--model folder {str(tmp_path / 'missing')!r} does not exist."),
+        "not-a-pipeline": (["--model", str(tmp_path), "--prompts", good],
+                           "is not a diffusers pipeline folder (no model_index.json)."),
+        "no-prompt-file": (["--model", model, "--prompts", str(tmp_path / "missing.txt")],
+                           "missing.txt' does not exist."),
+        "empty-prompt-file": (["--model", model, "--prompts", empty], "empty.json' holds no prompts."),
+        "blank-txt": (["--model", model, "--prompts", write(tmp_path / "blank.txt", "\n  \n")],
+                      "blank.txt' holds no prompts."),
+        "bad-json": (["--model", model, "--prompts", write(tmp_path / "bad.jsonl", '{"caption": "a"}\n{oops\n')],
+                     "bad.jsonl' line 2 is not valid JSON"),
+        "bad-entry": (["--model", model, "--prompts", write(tmp_path / "entry.json", '[{"image_id": 1}]')],
+                      "entry 0: none of the keys 'caption', 'prompt', 'text'."),
+        "extension": (["--model", model, "--prompts", write(tmp_path / "p.csv", "a cat\n")],
+                      "has an unknown extension '.csv'; use one of .txt, .json, .jsonl."),
+        "both": (["--model", model, "--prompts", good, "--prompt", "a cat"], ONE_OF),
+        "neither": (["--model", model], ONE_OF),
+        "size": (["--model", model, "--prompts", good, "--height", "33"],
+                 "positive multiples of 2 for this model (VAE factor 1 x patch 2), got 33x1024."),
+        "too-large": (["--model", model, "--prompts", good, "--height", "128"],
+                      "needs a 64x512 token grid but the model's positional table covers 32x32 tokens"),
+        "sdtm-setting": (["--model", model, "--prompts", good, "--ratio", "0.9", "--deviation", "0.2"],
+                         "ratio - deviation and ratio + deviation must lie in [0, 1]"),
+        "out-is-file": (["--model", model, "--prompts", good], "out' exists and is not a folder."),
+        "device": (["--model", model, "--prompts", good, "--device", "nonsense"],
+                   "--device 'nonsense' is not a torch device"),
+        "guidance-nan": (["--model", model, "--prompts", good, "--guidance", "nan"], GUIDANCE + "nan."),
+        "guidance-inf": (["--model", model, "--prompts", good, "--guidance", "inf"], GUIDANCE + "inf."),
+        "guidance-minus-inf": (["--model", model, "--prompts", good, "--guidance=-inf"], GUIDANCE + "-inf."),
+        "guidance-negative": (["--model", model, "--prompts", good, "--guidance", "-3"], GUIDANCE + "-3.0."),
+        "sdtm-inf": (["--model", model, "--prompts", good, "--a-s", "inf"], "--a-s must be a finite number, got inf."),
+        "cuda-graphs-on-cpu": (["--model", model, "--prompts", good, "--device", "cpu", "--cuda-graphs"],
+                               "--cuda-graphs needs a CUDA device, got --device cpu."),
+        "no-sdtm-with-sdtm-setting": (["--model", model, "--prompts", good, "--no-sdtm", "--ratio", "0.5"],
+                                      "--ratio has no effect with --no-sdtm"),
         # 20 is SD3's default switch step, but given explicitly it would still be ignored.
-        "no-sdtm-with-switch-step": ["--model", model, "--prompts", good, "--no-sdtm", "--switch-step", "20"],
-        "device-meta": ["--model", model, "--prompts", good, "--device", "meta"],
-        "device-absent": ["--model", model, "--prompts", good, "--device", "xpu"],
-        "prompt-surrogate": ["--model", model, "--prompt", "a \udcff cat"],  # undecodable bytes in argv
-        "json-surrogate": ["--model", model, "--prompts", write(tmp_path / "s.json", '["a \\ud800 cat"]')],
-        "json-surrogate-id": ["--model", model, "--prompts",
-                              write(tmp_path / "s.jsonl", '{"id": "\\udfff", "caption": "a cat"}\n')],
+        "no-sdtm-with-switch-step": (["--model", model, "--prompts", good, "--no-sdtm", "--switch-step", "20"],
+                                     "--switch-step has no effect with --no-sdtm"),
+        "device-meta": (["--model", model, "--prompts", good, "--device", "meta"],
+                        "--device 'meta': no such device is available"),
+        "device-absent": (["--model", model, "--prompts", good, "--device", "xpu"],
+                          "--device 'xpu': no such device is available"),
+        # Undecodable bytes in argv.
+        "prompt-surrogate": (["--model", model, "--prompt", "a \udcff cat"], "--prompt is not valid UTF-8 text"),
+        "json-surrogate": (["--model", model, "--prompts", write(tmp_path / "s.json", '["a \\ud800 cat"]')],
+                           "s.json', entry 0: the prompt holds a lone surrogate"),
+        "json-surrogate-id": (["--model", model, "--prompts",
+                               write(tmp_path / "s.jsonl", '{"id": "\\udfff", "caption": "a cat"}\n')],
+                              "s.jsonl', line 1: the id holds a lone surrogate"),
     }[case]
     out = tmp_path / "out"
     if case == "out-is-file":
@@ -257,6 +281,7 @@ def test_bad_inputs_exit_2_with_one_line(model, tmp_path, capsys, monkeypatch, c
     assert cli(["generate", *argv, "--out", str(out), "--steps", "2", *size]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sdtm generate: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert reason in err, err
     assert not out.is_dir() or not any(out.iterdir())
 
 
