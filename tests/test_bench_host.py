@@ -16,6 +16,9 @@ from sdtm.cli.host_bench import (
     bench_host,
     count_generation,
     count_triton_launches,
+    format_host_report,
+    format_targets,
+    host_targets,
     host_transformer,
     op_category,
     triton_block_launches,
@@ -229,3 +232,43 @@ def test_cli_host_options_are_host_only(capsys):
     assert "--steps" in capsys.readouterr().err
     assert main(["bench", "host", "--compile", "fast"]) == 2
     assert "--compile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings", [{"ratio": 0.0, "deviation": 0.0}, {"steps": 1}],
+                         ids=["ratio0", "protected-steps-only"])
+def test_targets_are_not_measured_when_no_block_merged(settings):
+    """A run where no block merges (ratio 0, or a schedule whose only step is protected) meets no target
+    over nothing: each says not measured."""
+    setting = HostSetting(layers=3, grid=8, **{"steps": 4, "switch_step": 1, **settings})
+    result = bench_host(setting, ["torch"], rounds=1, compile_backend=None, progress=False)
+    assert not {"structure", "detail"} & set(result["ratios"]["eager"]["torch"]["block_launches"])
+    targets = result["targets"]
+    assert targets["host_time_met"] == {"torch": None} and targets["block_launches_met"] == {"torch": None}
+    assert targets["block_launches_not_measured"] == {"torch": ["structure", "detail"]}
+    line = format_host_report(result).splitlines()[-1]
+    assert line == ("targets (eager): host time <= 1.15x: torch not measured: no block merged; merged block "
+                    "launches <= 1.3x: torch not measured: no block merged in the structure or detail phase")
+    assert " met" not in line
+    json.dumps(result)
+
+
+def test_block_target_names_the_merged_phase_it_did_not_measure():
+    """Judged on the merged phases that ran: a schedule without detail steps says so beside its verdict."""
+    eager = {"torch": {"host_time": 1.1, "block_launches": {"protected": 1.04, "structure": 1.2}},
+             "cpp": {"host_time": 1.2, "block_launches": {"protected": 1.04, "structure": 1.4, "detail": 1.1}}}
+    targets = host_targets(eager)
+    assert targets["host_time_met"] == {"torch": True, "cpp": False}
+    assert targets["block_launches_met"] == {"torch": True, "cpp": False}
+    assert targets["block_launches_not_measured"] == {"torch": ["detail"], "cpp": []}
+    assert format_targets(targets) == (
+        "targets (eager): host time <= 1.15x: torch met, cpp missed; merged block launches <= 1.3x: torch met "
+        "(detail phase not measured: no block merged in it), cpp missed")
+
+
+def test_cli_host_says_not_measured_at_ratio_zero(capsys):
+    args = ["bench", "host", "--layers", "2", "--steps", "4", "--switch-step", "1", "--grid", "8", "--rounds", "1",
+            "--compile", "none", "--backends", "torch", "--ratio", "0", "--deviation", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "merged block launches <= 1.3x: torch not measured: no block merged" in out
+    assert "torch met" not in out
