@@ -366,7 +366,7 @@ def test_switch_step_none_is_the_familys_default():
     assert schedule_macs(dict(FLUX_TINY), 64, 64, steps=28, text_tokens=3,
                          sdtm=SDTMConfig(switch_step=20)).switch_step == 20
     # The default is the one used: steps 0-3 of 10 are structure steps.
-    report = schedule_macs(dict(FLUX_TINY), 128, 128, steps=10, text_tokens=3, sdtm=SDTMConfig(switch_step=None))
+    report = schedule_macs(dict(FLUX_TINY), 256, 256, steps=10, text_tokens=3, sdtm=SDTMConfig(switch_step=None))
     assert [s.step for s in report.per_step if "ssm" in s.phase] == [1, 2]  # 0 and 3 protected
     assert all("ssm" not in s.phase for s in report.per_step[4:])
     assert report.to_json()["switch_step"] == 3

@@ -12,6 +12,7 @@ _HELP = {
     "deviation": "cosine schedule from ratio+deviation (step 0) to ratio-deviation (last step)",
     "switch_step": "last structure-phase step (SSM); later steps are the detail phase (IDM)",
     "use_rand": "random destination token per window",
+    "seed": "seed of SDTM's random destinations, reseeded every generation",
     "sx": "window width in tokens",
     "sy": "window height in tokens",
     "a_s": "merge-age weight in the SSM window score",
@@ -53,6 +54,8 @@ def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True,
     for field in dataclasses.fields(SDTMConfig):
         name, default = field.name, getattr(defaults, field.name)
         flag = "--" + name.replace("_", "-")
+        if name == "seed":  # --seed is the image's seed where a command has one
+            flag = "--sdtm-seed"
         if name == "switch_step" and family_switch_step:
             group.add_argument(flag, type=int, default=None, help=FAMILY_SWITCH_STEP_HELP)
         elif name == "backend":
@@ -69,9 +72,14 @@ def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True,
         group.add_argument("--no-sdtm", action="store_true", help="run the unpatched model")
 
 
+def sdtm_option(args: argparse.Namespace, name: str, default=None):
+    """The value of SDTMConfig field ``name`` in parsed ``args`` (``seed`` is the --sdtm-seed option)."""
+    return getattr(args, "sdtm_seed" if name == "seed" else name, default)
+
+
 def config_from_args(args: argparse.Namespace) -> SDTMConfig | None:
     """The SDTMConfig the options describe (None with --no-sdtm); raises ValueError on bad values."""
     if getattr(args, "no_sdtm", False):
         return None
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SDTMConfig)}
+    values = {f.name: sdtm_option(args, f.name) for f in dataclasses.fields(SDTMConfig)}
     return SDTMConfig(**values)

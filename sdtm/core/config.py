@@ -24,6 +24,9 @@ class SDTMConfig:
             20 for SD3 / SD3.5 (the reference's), 40% of the steps for Flux and PixArt.
         use_rand: pick the destination token of SSM windows (and of IDM windows before any merge age
             exists) at random, per sample; forced off for odd batch sizes. True.
+        seed: seed of SDTM's own generator of those random destinations, reseeded at the start of every
+            generation, so the same inputs give the same image whatever torch's global RNG did (the
+            reference forks the global RNG instead). 0.
         sx, sy: window width and height in tokens (K = sx * sy >= 2 tokens per window). 2, 2.
         a_s: weight of the merge-age priority in the SSM window score. 0.05.
         a_d: weight of the merge-age priority in the IDM source score. 0.05.
@@ -49,6 +52,7 @@ class SDTMConfig:
     deviation: float = 0.2
     switch_step: int | None = 20
     use_rand: bool = True
+    seed: int = 0
     sx: int = 2
     sy: int = 2
     a_s: float = 0.05
@@ -78,6 +82,7 @@ class SDTMConfig:
         _check_real("a_p", self.a_p, -math.inf, math.inf)
         if self.switch_step is not None:
             _check_int("switch_step", self.switch_step, minimum=None)
+        _check_int("seed", self.seed, minimum=0)
         _check_int("sx", self.sx, minimum=1)
         _check_int("sy", self.sy, minimum=1)
         if self.sx * self.sy < 2:

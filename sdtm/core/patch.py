@@ -3,6 +3,7 @@ remove it again."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, Callable
 
@@ -12,7 +13,7 @@ from . import graphs
 from .config import SDTMConfig
 from ..models import adapter_for
 from .ops import check_backend
-from .state import BlockLink, SDTMState
+from .state import BlockLink, SDTMState, compute_dtype
 
 _patched_classes: dict[type, type] = {}
 
@@ -23,6 +24,7 @@ def apply_SDTM(
     deviation: float = 0.2,
     switch_step: int | None = None,
     use_rand: bool = True,
+    seed: int = 0,
     sx: int = 2,
     sy: int = 2,
     a_s: float = 0.05,
@@ -57,6 +59,7 @@ def apply_SDTM(
         deviation=deviation,
         switch_step=switch_step,
         use_rand=use_rand,
+        seed=seed,
         sx=sx,
         sy=sy,
         a_s=a_s,
@@ -96,7 +99,7 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
     transformer._sdtm_state = state
     transformer._sdtm_hook = transformer.register_forward_pre_hook(_pre_forward, with_kwargs=True)
     for layer, block in enumerate(blocks):
-        link = BlockLink(state, layer, sublayers=adapter.sublayers(block))
+        link = BlockLink(state, layer, block, sublayers=adapter.sublayers(block))
         state.links.append(link)
         block._sdtm = link
         block.__class__ = _patched_class(type(block), adapter.forward_for(block))
@@ -160,7 +163,7 @@ def _timesteps_source(module: Any, scheduler: Any) -> Callable[[], torch.Tensor 
         return SchedulerTimesteps(scheduler)
     if isinstance(module, torch.nn.Module) or not hasattr(module, "scheduler"):
         return None
-    return PipelineTimesteps(module)
+    return PipelineTimesteps(module, _find_transformer(module))
 
 
 class SchedulerTimesteps:
@@ -178,37 +181,65 @@ class SchedulerTimesteps:
 
 
 class PipelineTimesteps:
-    """The ``timesteps`` of the scheduler a pipeline holds now (a weak reference: the transformer does not
-    keep its pipeline alive, and ``pipe.scheduler`` may be replaced).
+    """The ``timesteps`` of the scheduler of the pipeline calling the transformer: the innermost pipeline
+    ``__call__`` on the stack whose transformer this is (another pipeline sharing the transformer, e.g.
+    made with ``from_pipe``, uses its own scheduler), else the pipeline SDTM was applied to (a transformer
+    called directly in a loop of the user's). Pipelines are held by weak reference: the transformer does
+    not keep one alive, and ``pipe.scheduler`` may be replaced.
 
     Deep-copying the pipeline gives the copy a source that reads the copy's scheduler; deep-copying the
     transformer alone gives a source that refuses at the first call, because the copy has no pipeline."""
 
-    def __init__(self, pipe: Any):
+    def __init__(self, pipe: Any, transformer: torch.nn.Module | None = None):
         self._pipe = weakref.ref(pipe)
+        self._transformer = weakref.ref(transformer) if transformer is not None else None
+        self._active = self._pipe  # the pipeline of the current call, found by ``__call__``
 
     def __call__(self) -> torch.Tensor | None:
-        pipe = self._pipe()
+        pipe = self._calling_pipeline() or self._pipe()
         if pipe is None:
             raise RuntimeError("the pipeline SDTM was applied to no longer exists; apply it again.")
+        self._active = weakref.ref(pipe)
         return getattr(pipe.scheduler, "timesteps", None)
 
+    def _calling_pipeline(self) -> Any:
+        if self._transformer is None:
+            pipe = self._pipe()
+            if pipe is None:
+                return None
+            self._transformer = weakref.ref(_find_transformer(pipe))
+        transformer = self._transformer()
+        frame = sys._getframe(1)
+        for _ in range(64):  # pipeline -> transformer call -> hooks -> here: a few frames in practice
+            if frame is None:
+                return None
+            if frame.f_code.co_name == "__call__":
+                candidate = frame.f_locals.get("self")
+                if getattr(candidate, "scheduler", None) is not None and any(
+                    getattr(getattr(candidate, name, None), "_orig_mod", getattr(candidate, name, None)) is transformer
+                    for name in ("transformer", "transformer_2")
+                ):
+                    return candidate
+            frame = frame.f_back
+        return None
+
     def current_timestep(self) -> torch.Tensor | None:
-        """The timestep the pipeline's denoising loop is at (diffusers pipelines keep it in
+        """The timestep the calling pipeline's denoising loop is at (diffusers pipelines keep it in
         ``_current_timestep``, an element of the scheduler's timesteps), or None outside the loop."""
-        pipe = self._pipe()
+        pipe = self._active()
         current = getattr(pipe, "_current_timestep", None) if pipe is not None else None
         return current if isinstance(current, torch.Tensor) else None
 
     def scheduler_step(self) -> int | None:
-        pipe = self._pipe()
+        pipe = self._active()
         return _scheduler_step(pipe.scheduler) if pipe is not None else None
 
     def __deepcopy__(self, memo: dict) -> Callable[[], torch.Tensor | None]:
         copied_pipe = memo.get(id(self._pipe()))
         if copied_pipe is None:
             return _copied_without_pipeline
-        return PipelineTimesteps(copied_pipe)
+        transformer = self._transformer() if self._transformer is not None else None
+        return PipelineTimesteps(copied_pipe, memo.get(id(transformer)))
 
 
 def _scheduler_step(scheduler: Any) -> int | None:
@@ -238,12 +269,20 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     in the module's own state (read from the module, so a deep copy uses its own copy of the state).
     Host-side bookkeeping: never traced by torch.compile."""
     state: SDTMState = module._sdtm_state
+    if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
+        raise ValueError(
+            "SDTM cannot run under gradient checkpointing: recomputing a block in the backward pass would "
+            "repeat SDTM's in-place merge-age and cache updates and give wrong gradients. Call "
+            "transformer.disable_gradient_checkpointing(), or remove_SDTM(...) for training."
+        )
     adapter = state.adapter
     call = adapter.call_info(module, args, kwargs)
-    state.begin_call(call.timestep, call.grid_height, call.grid_width, call.timestep_scale)
-    # The first parameter's dtype: diffusers' ``module.dtype`` walks every submodule on each call.
-    dtype = next(module.parameters()).dtype
-    state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device)
+    # SDTM's persistent buffers (merge age, caches, draws) must be normal tensors even when the first call
+    # runs under torch.inference_mode(), or later calls outside it could not update them in place.
+    with torch.inference_mode(False):
+        state.begin_call(call.timestep, call.grid_height, call.grid_width, call.timestep_scale)
+        dtype = compute_dtype(state.links[0].block, call.device)
+        state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device)
     return None
 
 

@@ -119,6 +119,8 @@ def block_action(
     merge_mlp = config.merge_mlp
     if reduce_num <= 0 or not (merge_attn or merge_mlp):
         return BlockAction(BlockMode.UNCHANGED, phase)
+    if num_windows is not None and _tokens_removed(phase, reduce_num, config.window_size, num_windows) == 0:
+        return BlockAction(BlockMode.UNCHANGED, phase)  # the counts round to 0: a plan would merge nothing
     each = config.cache_each_step
     return BlockAction(
         BlockMode.MERGED,
@@ -153,11 +155,16 @@ def action_for_sublayers(action: BlockAction, kinds: frozenset[str]) -> BlockAct
     return BlockAction(BlockMode.UNCHANGED, action.phase)
 
 
+def _tokens_removed(phase: Phase, reduce_num: int, window_size: int, num_windows: int) -> int:
+    """Tokens a plan of ``phase`` removes when asked for ``reduce_num``: SSM K - 1 per merged window,
+    IDM one per merged source."""
+    if phase is Phase.STRUCTURE:
+        return windows_to_merge(reduce_num, window_size, num_windows) * (window_size - 1)
+    return sources_to_merge(reduce_num, num_windows * (window_size - 1))
+
+
 def merged_tokens(action: BlockAction, num_tokens: int, window_size: int, num_windows: int) -> int:
-    """Image tokens a MERGED block's merged sub-layers see (``num_tokens`` for other blocks): SSM removes
-    K - 1 tokens per merged window, IDM one per merged source."""
+    """Image tokens a MERGED block's merged sub-layers see (``num_tokens`` for other blocks)."""
     if action.mode is not BlockMode.MERGED:
         return num_tokens
-    if action.phase is Phase.STRUCTURE:
-        return num_tokens - windows_to_merge(action.reduce_num, window_size, num_windows) * (window_size - 1)
-    return num_tokens - sources_to_merge(action.reduce_num, num_windows * (window_size - 1))
+    return num_tokens - _tokens_removed(action.phase, action.reduce_num, window_size, num_windows)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .config import SDTMConfig
-from .ops import OpSet, ops_for
+from .ops import TORCH_OPS, OpSet, ops_for
 from .plans import Grid
 from .schedule import BlockAction, BlockMode, Phase, action_for_sublayers, merged_tokens, step_program
 
@@ -78,6 +78,7 @@ class BlockLink:
 
     state: "SDTMState"
     layer: int
+    block: torch.nn.Module | None = None
     sublayers: dict[str, str] = field(default_factory=lambda: {"attn": "attn", "mlp": "mlp"})
     action: BlockAction | None = None
     remove: torch.Tensor | None = None
@@ -107,7 +108,8 @@ class SDTMState:
     grid: Grid | None = None
     generation: int = 0
     call_in_step: int = 0
-    ops: OpSet | None = None
+    ops: OpSet | None = None  # the ops of the current call
+    backend_ops: OpSet | None = None  # the configured backend's ops for ``ops_device``
     ops_device: torch.device | None = None
     # Per generation.
     streams: dict[int, CallStream] = field(default_factory=dict)
@@ -117,6 +119,7 @@ class SDTMState:
     _timestep_values: list[float] = field(default_factory=list)
     _remove_buffer: torch.Tensor | None = None
     _draw_buffer: torch.Tensor | None = None  # [L, B, W] random destinations of a call, filled in place
+    adapter_memo: dict = field(default_factory=dict)  # what the model's adapter remembers between calls
     _resolved: tuple[int, SDTMConfig] | None = None  # (step count, config with the default switch step)
 
     def reset(self) -> None:
@@ -168,8 +171,10 @@ class SDTMState:
         grid, config = self.grid, self.config
         program = _block_program(self._resolved_config(), self.step, self.num_steps, grid,
                                  tuple(frozenset(link.sublayers.values()) for link in self.links))
-        if self.ops is None or self.ops_device != device:
-            self.ops, self.ops_device = ops_for(config.backend, device), device
+        if self.backend_ops is None or self.ops_device != device:
+            self.backend_ops, self.ops_device = ops_for(config.backend, device), device
+        # The fused ops have no autograd formulas: with autograd on, the torch twins (differentiable) run.
+        self.ops = TORCH_OPS if torch.is_grad_enabled() else self.backend_ops
         stream = self._stream(batch, channels, dtype, device)
         draws = self._draws(program, stream, batch, grid, device)
         age_exists = stream.age_exists
@@ -370,22 +375,32 @@ class SDTMState:
         return self.streams.setdefault(self.call_in_step, CallStream())
 
     def random_generator(self, device: torch.device) -> torch.Generator:
-        """A generator forked (not advanced) from torch's RNG at the first use of a generation, so the
-        same seed gives the same choices in every generation. CUDA draws on the device; any other device
-        draws on the CPU."""
+        """The generation's generator of random destinations, seeded with ``config.seed`` at the first draw
+        of every generation: the same inputs give the same choices whatever torch's global RNG did (and
+        SDTM never advances it). CUDA draws on the device; any other device draws on the CPU."""
         wanted = device if device.type == "cuda" else torch.device("cpu")
         if self.generator is None or self.generator.device != wanted:
-            generator = torch.Generator(device=wanted)
-            if wanted.type == "cuda":
-                generator.set_state(torch.cuda.get_rng_state(wanted))
-            else:
-                generator.set_state(torch.get_rng_state())
-            self.generator = generator
+            self.generator = torch.Generator(device=wanted).manual_seed(self.config.seed)
         return self.generator
 
     def cache_bytes(self) -> int:
         """Bytes held by the output caches of all streams."""
         return sum(t.numel() * t.element_size() for s in self.streams.values() for t in s.caches.values())
+
+
+def compute_dtype(block: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype ``block`` computes in on ``device``, which its sub-layer outputs (and so SDTM's caches)
+    have: autocast's dtype when autocast is on, the compute dtype of diffusers' layerwise casting when its
+    hook sits on one of the block's modules (parameters stored in another dtype), else the dtype of the
+    block's first parameter."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    for module in block.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None else None
+        if hook is not None:
+            return hook.compute_dtype
+    return next(block.parameters()).dtype
 
 
 @functools.lru_cache(maxsize=512)

@@ -32,6 +32,7 @@ Blocks that do not merge at a step run the original forward untouched; protected
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -319,12 +320,22 @@ def _is(module: torch.nn.Module, class_name: str) -> bool:
 
 def image_grid(transformer: torch.nn.Module, img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
     """(rows, columns) of the token grid ``img_ids`` [N, 3] (or [B, N, 3]) describes; a ValueError unless
-    token n sits at (0, n // columns, n % columns). Read once per ids tensor (a device read), remembered
-    on the transformer while that tensor is unchanged."""
-    key = (img_ids.data_ptr(), tuple(img_ids.shape), img_ids.device, img_ids._version, num_tokens)
-    memo = transformer.__dict__.setdefault("_sdtm_grid_memo", {})
-    if key in memo:
-        return memo[key]
+    token n sits at (0, n // columns, n % columns), as exactly as the ids' dtype can say it (FluxPipeline
+    makes its ids in the model's dtype, so bf16 rounds positions past 256). Reading the ids is a device
+    read: the result is remembered in the SDTM state for this very tensor object (a weak reference, so a
+    new tensor at a freed one's address is read again) while its version is unchanged."""
+    state = getattr(transformer, "_sdtm_state", None)
+    memo = state.adapter_memo if state is not None else {}
+    version = None if img_ids.is_inference() else img_ids._version  # inference tensors have no version
+    held = memo.get("img_ids")
+    if held is not None and held[0]() is img_ids and held[1:3] == (version, num_tokens):
+        return held[3]
+    grid = _read_image_grid(img_ids, num_tokens)
+    memo["img_ids"] = (weakref.ref(img_ids), version, num_tokens, grid)
+    return grid
+
+
+def _read_image_grid(img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
     ids = img_ids.detach()
     if ids.dim() == 3:
         ids = ids[0]
@@ -333,17 +344,21 @@ def image_grid(transformer: torch.nn.Module, img_ids: torch.Tensor, num_tokens: 
             f"SDTM expects Flux img_ids of shape [{num_tokens}, 3] (one row per image token), got "
             f"{tuple(img_ids.shape)}."
         )
+    ids_dtype = ids.dtype
     ids = ids.to(device="cpu", dtype=torch.float64)
-    width = int(ids[:, 2].max().item()) + 1 if num_tokens else 0
+    # Row 0 is exact in every dtype: its length is the grid's width.
+    first_row = ids[:, 1] == 0
+    width = int(first_row.to(torch.int64).cumprod(0).sum())
     height = num_tokens // width if width else 0
     n = torch.arange(num_tokens, dtype=torch.float64)
-    expected = torch.stack([torch.zeros_like(n), torch.div(n, width, rounding_mode="floor"), n % width], dim=1)
-    if height * width != num_tokens or not torch.equal(ids, expected):
+    expected = torch.stack([torch.zeros_like(n), torch.div(n, max(width, 1), rounding_mode="floor"),
+                            n % max(width, 1)], dim=1)
+    if ids_dtype.is_floating_point:
+        expected = expected.to(ids_dtype).to(torch.float64)  # the rounding FluxPipeline's ids went through
+    if width == 0 or height * width != num_tokens or not torch.equal(ids, expected):
         raise ValueError(
             "SDTM needs Flux img_ids that place the image tokens row by row on one grid (token n at "
             "(0, n // width, n % width), as FluxPipeline makes them); these do not (e.g. reference-image "
             "tokens appended, as Flux Kontext does)."
         )
-    memo.clear()
-    memo[key] = (height, width)
     return height, width
