@@ -152,6 +152,54 @@ def test_demo_runs_and_writes_its_png(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_demo_warms_up_every_variant_before_timing(monkeypatch):
+    """The first run of a variant pays one-time costs: each variant runs once, untimed and as long as the
+    timed runs, before its first timed run."""
+    from sdtm import sdtm_state
+    from sdtm.cli import demo
+
+    events = []
+    generate, timed = demo._generate, demo._timed
+
+    def logged_generate(pipe, demo_model, size, steps, seed, output_type="latent"):
+        events.append(("run", sdtm_state(pipe) is not None, steps))
+        return generate(pipe, demo_model, size, steps, seed, output_type)
+
+    def logged_timed(pipe, demo_model, size, steps, repeats):
+        events.append(("timed", sdtm_state(pipe) is not None, steps))
+        return timed(pipe, demo_model, size, steps, repeats)
+
+    monkeypatch.setattr(demo, "_generate", logged_generate)
+    monkeypatch.setattr(demo, "_timed", logged_timed)
+    demo.run_demo(size=16, steps=3, repeats=1, backend="torch", out=None, print_fn=lambda line: None)
+    for patched in (False, True):
+        first_timed = events.index(("timed", patched, 3))
+        assert ("run", patched, 3) in events[:first_timed], (patched, events)
+
+
+def test_demo_reports_no_share_when_nothing_merges():
+    """One step is a protected step: SDTM merges nothing, the MACs are equal, and no share is printed."""
+    from sdtm.cli import demo
+
+    lines = []
+    result = demo.run_demo(size=16, steps=1, repeats=1, backend="torch", out=None, print_fn=lines.append)
+    text = "\n".join(lines)
+    assert result["mac_ratio"] == 1.0 and result["realised_share"] is None
+    assert "no realised share: this setting merges nothing (equal MACs)" in text
+    assert "realised share " not in text
+
+
+def test_demo_speedup_line():
+    from sdtm.cli.demo import speedup_line
+
+    assert speedup_line(1.1, 1.25, 0.01) == ("speedup 1.10x, MAC ratio 1.25x, realised share 88%, relative change "
+                                             "of the latents 0.010")
+    assert "%" not in speedup_line(4.36, 1.0, 0.0)
+    assert speedup_line(4.36, 1.0, 0.0).startswith("speedup 4.36x, MAC ratio 1.00x, no realised share: this "
+                                                    "setting merges nothing")
+    assert "realised share 200% (more than the MAC ratio allows: timing noise" in speedup_line(2.5, 1.25, 0.01)
+
+
 def test_bench_kernels_json(capsys, monkeypatch):
     from sdtm.cli import bench
 

@@ -5,6 +5,7 @@ denoising loop it times."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -227,6 +228,30 @@ def test_geometry_per_family(tmp_path, capsys, monkeypatch, pipeline, config, ge
     assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("family", ["pixart-sigma", "pixart-alpha"])
+def test_pixart_sides_are_multiples_of_8_whatever_the_vae(saved, tmp_path, capsys, monkeypatch, family):
+    """PixArt's pipeline takes sides divisible by 8 only (PixArtSigmaPipeline.check_inputs): the tiny
+    pipeline's VAE does not down-sample, so its tokens span 2 pixels, and 12 is refused up front."""
+    pipeline, folder = FAMILIES[family][0], saved(family)
+    assert generate.model_geometry(folder) == (1, 2, None)
+    common = ["--prompt", "a cat", "--out", str(tmp_path / "out")]
+    assert job(["--model", folder, *common, "--height", "16", "--width", "24"]).height == 16
+    monkeypatch.setattr(generate, "load_pipeline", refuse_to_load)
+    capsys.readouterr()  # saving the folder wrote progress bars
+    assert cli(["generate", "--model", folder, *common, "--height", "12", "--width", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"sdtm generate: --height and --width must be positive multiples of 8 for this model (VAE factor "
+                   f"1 x patch 2, and the {pipeline} takes multiples of 8 only), got 12x16.\n")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_pixart_rule_keeps_the_token_grid_of_the_patches():
+    """The multiple of 8 is the pipeline's rule on pixels; the token grid is still pixels / (VAE x patch)."""
+    generate.check_size(24, 8, 1, 2, 12, pixel_multiple=8)
+    with pytest.raises(ValueError, match="needs a 16x4 token grid .* covers 12x12 tokens .at most 24 pixels a side"):
+        generate.check_size(32, 8, 1, 2, 12, pixel_multiple=8)
+
+
 @pytest.mark.parametrize("case, message", [
     ("unsupported", "model_index.json names the pipeline 'StableDiffusionXLPipeline'; sdtm generate loads "
                     "StableDiffusion3Pipeline, FluxPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline folders."),
@@ -273,15 +298,28 @@ def test_demo_switch_step_sd3_in_proportion_others_by_family():
     assert demo.demo_settings("pixart", 12, "torch")["switch_step"] is None
 
 
-@pytest.mark.parametrize("model, size, code", [("flux", 128, 0), ("pixart", 128, 0), ("sd3", 128, 2)])
-def test_demo_passes_the_model_and_checks_its_size(monkeypatch, capsys, tmp_path, model, size, code):
+@pytest.mark.parametrize("model, size, message", [
+    ("flux", 128, None), ("pixart", 128, None), ("flux", 12, None), ("sd3", 12, None),
+    ("sd3", 128, "--size 128 is larger than the sd3 demo model's positional table allows; use at most 96."),
+    ("pixart", 12, "--size 12: the pixart demo model takes multiples of 8 (PixArtSigmaPipeline takes sides "
+                   "divisible by 8 only); use 8 or 16."),
+    ("pixart", 4, "--size 4: the pixart demo model takes multiples of 8 (PixArtSigmaPipeline takes sides "
+                  "divisible by 8 only); use 8."),
+])
+def test_demo_passes_the_model_and_checks_its_size(monkeypatch, capsys, tmp_path, model, size, message):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda **kwargs: calls.append(kwargs))
-    assert main(["demo", "--model", model, "--size", str(size), "--out", str(tmp_path)]) == code
-    if code == 0:
+    assert main(["demo", "--model", model, "--size", str(size), "--out", str(tmp_path)]) == (2 if message else 0)
+    if message is None:
         assert calls[0]["model"] == model and calls[0]["size"] == size
     else:
-        assert calls == [] and "use at most 96" in capsys.readouterr().err
+        assert calls == [] and capsys.readouterr().err == f"sdtm demo: {message}\n"
+
+
+def test_demo_refuses_a_pixart_size_before_building(monkeypatch):
+    monkeypatch.setitem(demo.DEMO_MODELS, "pixart", dataclasses.replace(demo.DEMO_MODELS["pixart"], build=refuse_to_load))
+    with pytest.raises(ValueError, match="--size 12: the pixart demo model takes multiples of 8"):
+        demo.run_demo(size=12, steps=2, repeats=1, out=None, model="pixart")
 
 
 @pytest.mark.parametrize("model, title, batch", [("flux", "tiny Flux.1 pipeline", "batch 1"),

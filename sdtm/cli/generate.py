@@ -16,9 +16,10 @@ encoders and tokenizers that turn the prompts into embeddings. Per family:
   packages are installed).
 
 Sizes must be multiples of the VAE factor times the patch size (SD3 and PixArt: 8 x 2) or, for Flux,
-the VAE factor times 2 (its 2x2 packing); SD3's token grid must fit its positional table. The SDTM
-switch step defaults to the family's (``ModelAdapter.resolve_config``: 20 for SD3, the first 40% of the
-steps for Flux and PixArt), recorded as a number in the manifest.
+the VAE factor times 2 (its 2x2 packing), and for PixArt multiples of 8 too (its pipeline's own rule,
+whatever the VAE); SD3's token grid must fit its positional table. The SDTM switch step defaults to the
+family's (``ModelAdapter.resolve_config``: 20 for SD3, the first 40% of the steps for Flux and PixArt),
+recorded as a number in the manifest.
 
 One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, see ``sdtm.cli.prompts``), and
 ``OUT/manifest.json`` (strict JSON: no NaN or Infinity)::
@@ -95,13 +96,15 @@ class Family:
     name: the SDTM adapter's name (sdtm.models). transformer_classes: the transformer classes its
     folders name. text_components: the components the prompts need (model_index.json must list them).
     default_guidance: ``--guidance`` when not given. packing: tokens are the pipeline's 2x2 packing of
-    latent pixels (Flux), not the transformer's patches."""
+    latent pixels (Flux), not the transformer's patches. pixel_multiple: what the pipeline's
+    ``check_inputs`` asks of the pixel sides besides the token geometry (PixArt: divisible by 8)."""
 
     name: str
     transformer_classes: tuple[str, ...]
     text_components: tuple[str, ...]
     default_guidance: float
     packing: bool = False
+    pixel_multiple: int = 1
 
 
 _SD3 = Family("sd3", ("SD3Transformer2DModel",), ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), 7.0)
@@ -109,7 +112,8 @@ _FLUX = Family("flux", ("FluxTransformer2DModel",), ("tokenizer", "text_encoder"
                3.5, packing=True)
 # Older PixArt folders name the transformer Transformer2DModel (norm_type ada_norm_single); diffusers loads
 # it as a PixArtTransformer2DModel.
-_PIXART = Family("pixart", ("PixArtTransformer2DModel", "Transformer2DModel"), ("tokenizer", "text_encoder"), 4.5)
+_PIXART = Family("pixart", ("PixArtTransformer2DModel", "Transformer2DModel"), ("tokenizer", "text_encoder"), 4.5,
+                 pixel_multiple=8)
 PIPELINES = {"StableDiffusion3Pipeline": _SD3, "FluxPipeline": _FLUX, "PixArtSigmaPipeline": _PIXART,
              "PixArtAlphaPipeline": _PIXART}
 
@@ -166,7 +170,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
     parser.add_argument("--height", type=positive_int, default=1024,
                         help="pixels, a multiple of the VAE factor x the patch size (SD3, PixArt) or x 2 "
-                             "(Flux's 2x2 packing): 16 for the released models (default 1024)")
+                             "(Flux's 2x2 packing), and for PixArt of 8: 16 for the released models "
+                             "(default 1024)")
     parser.add_argument("--width", type=positive_int, default=1024, help="pixels, as --height (default 1024)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts per pipeline call (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="image i of the prompt list uses seed + i (default 0)")
@@ -338,7 +343,8 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT and --prompts FILE.")
     info = model_info(args.model)
-    check_size(args.height, args.width, info.vae_scale, info.patch_size, info.max_grid, packing=info.family.packing)
+    check_size(args.height, args.width, info.vae_scale, info.patch_size, info.max_grid, packing=info.family.packing,
+               pixel_multiple=info.family.pixel_multiple, pipeline=info.pipeline)
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
@@ -512,19 +518,24 @@ def model_geometry(model: str) -> tuple[int, int, int | None]:
 
 
 def check_size(height: int, width: int, vae_scale: int, patch_size: int, max_grid: int | None,
-               packing: bool = False) -> None:
-    """Height and width must be positive multiples of vae_scale * patch_size whose token grid fits the
-    positional table (``max_grid`` tokens a side). ``packing``: the tokens are 2x2 packed latent pixels
-    (Flux; ``patch_size`` 2), said so in the message."""
-    multiple = vae_scale * patch_size
+               packing: bool = False, pixel_multiple: int = 1, pipeline: str = "pipeline") -> None:
+    """Height and width must be positive multiples of vae_scale * patch_size (and of ``pixel_multiple``,
+    the pipeline's own rule: PixArt's 8) whose token grid fits the positional table (``max_grid`` tokens
+    a side). ``packing``: the tokens are 2x2 packed latent pixels (Flux; ``patch_size`` 2), said so in
+    the message."""
+    token_pixels = vae_scale * patch_size
+    multiple = math.lcm(token_pixels, pixel_multiple)
     token = "2x2 packing" if packing else f"patch {patch_size}"
     if height < 1 or width < 1 or height % multiple or width % multiple:
+        rule = f"VAE factor {vae_scale} x {token}"
+        if multiple != token_pixels:
+            rule += f", and the {pipeline} takes multiples of {pixel_multiple} only"
         raise ValueError(f"--height and --width must be positive multiples of {multiple} for this model "
-                         f"(VAE factor {vae_scale} x {token}), got {height}x{width}.")
-    grid_h, grid_w = height // multiple, width // multiple
+                         f"({rule}), got {height}x{width}.")
+    grid_h, grid_w = height // token_pixels, width // token_pixels
     if max_grid is not None and max(grid_h, grid_w) > max_grid:
         raise ValueError(f"{height}x{width} needs a {grid_h}x{grid_w} token grid but the model's positional table "
-                         f"covers {max_grid}x{max_grid} tokens (at most {max_grid * multiple} pixels a side).")
+                         f"covers {max_grid}x{max_grid} tokens (at most {max_grid * token_pixels} pixels a side).")
 
 
 def resolve_device(requested: str | None, ranks: Ranks) -> torch.device:

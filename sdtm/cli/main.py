@@ -173,18 +173,16 @@ def _run_macs(args) -> int:
 
 
 def _check_demo_args(args) -> None:
-    """Raise a ValueError before any work when the demo's options cannot run: an image larger than the
-    tiny model's positional table (SD3), an output folder that is missing or read-only, a backend that
-    does not run on the CPU (where the demo runs)."""
+    """Raise a ValueError before any work when the demo's options cannot run: an image side the family's
+    pipeline refuses (PixArt: not a multiple of 8) or larger than the tiny model's positional table
+    (SD3), an output folder that is missing or read-only, a backend that does not run on the CPU (where
+    the demo runs)."""
     import torch
 
-    from .demo import DEMO_MODELS
+    from .demo import check_demo_size
     from ..core.ops import ops_for
 
-    largest = DEMO_MODELS[args.model].max_size
-    if largest is not None and args.size > largest:
-        raise ValueError(f"--size {args.size} is larger than the {args.model} demo model's positional table "
-                         f"allows; use at most {largest}.")
+    check_demo_size(args.model, args.size)
     if not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is not a folder.")
     if not os.access(args.out, os.W_OK):
