@@ -112,16 +112,17 @@ def _warm_up(pipe, demo: DemoModel, size: int, steps: int, settings: dict) -> No
 
 def speedup_line(speedup: float, mac_ratio: float, difference: float) -> str:
     """The demo's verdict: the speedup against the MAC ratio, and the share of that ratio realised. A
-    setting that merges nothing (MAC ratio 1.0: e.g. every step protected) has no share to realise; a
-    share above 100% is more than the MACs allow, which timing noise gives, and is said to be so."""
+    setting that merges nothing (MAC ratio 1.0: e.g. every step protected) has no share to realise, and
+    says so; a share above 100% is more than the saved MACs account for (mostly timing noise), and is
+    said to be so."""
     text = f"speedup {speedup:.2f}x, MAC ratio {mac_ratio:.2f}x, "
     if mac_ratio <= 1.0:
-        text += "no realised share: this setting merges nothing (equal MACs), so the speedup is timing noise"
+        text += "no realised share: this setting merges nothing (equal MACs)"
     else:
         share = speedup / mac_ratio
         text += f"realised share {share:.0%}"
         if share > 1.0:
-            text += " (more than the MAC ratio allows: timing noise; more --repeats steady it)"
+            text += " (more than the saved MACs account for: likely timing noise; more --repeats steady it)"
     return text + f", relative change of the latents {difference:.3f}"
 
 
@@ -232,7 +233,8 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
         _plot(baseline_image, sdtm_image, records, steps, speedup, mac_ratio, png, demo.title)
         print_fn(f"\nwrote {png}")
     return {"model": model, "png": png, "baseline_s": base_s, "sdtm_s": sdtm_s, "speedup": speedup, "mac_ratio": mac_ratio,
-            "realised_share": speedup / mac_ratio if mac_ratio > 1.0 else None, "baseline_macs": baseline_macs, "sdtm_macs": sdtm_macs, "relative_change": difference,
+            "realised_share": speedup / mac_ratio if mac_ratio > 1.0 else None,  # None: nothing merged
+            "baseline_macs": baseline_macs, "sdtm_macs": sdtm_macs, "relative_change": difference,
             "switch_step": switch_step, "grid": [grid.height, grid.width], "mac_grid": list(report.grid)}
 
 
