@@ -30,10 +30,10 @@ One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, s
      "other_images": [{"id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...]}
 
 ``images`` follows the prompt list. Image ``i`` of the prompt list starts from the noise of seed
-``--seed + i``; before each pipeline call torch's global RNG (from which SDTM forks its random window
-destinations) is seeded with the seed of the batch's first image. With ``--batch-size 1`` every image is
-therefore the same whatever the sharding or resuming; larger batches share SDTM's random draws within a
-batch. ``seconds`` is the batch's wall time divided by its size; ``macs`` is null (not measured). Every
+``--seed + i``; SDTM draws its random window destinations from its own generator, reseeded with
+``--sdtm-seed`` at every pipeline call (torch's global RNG plays no part). With ``--batch-size 1`` every
+image is therefore the same whatever the sharding or resuming; in larger batches an image's draws depend
+on its place in the batch. ``seconds`` is the batch's wall time divided by its size; ``macs`` is null (not measured). Every
 component of the pipeline is cast to ``--dtype`` after loading (except the sub-modules a model keeps in
 float32 on purpose, such as T5's ``wo`` under float16).
 
@@ -74,7 +74,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .cli_options import add_sdtm_options, config_from_args, positive_int
+from .cli_options import add_sdtm_options, config_from_args, positive_int, sdtm_option
 from ..core.config import SDTMConfig
 from .prompts import Prompt, load_prompts, single_prompt
 
@@ -411,14 +411,14 @@ def sdtm_from_args(args: argparse.Namespace) -> SDTMConfig | None:
     fields = dataclasses.fields(SDTMConfig)
     if getattr(args, "no_sdtm", False):
         defaults = SDTMConfig(switch_step=None)  # generate's --switch-step defaults to the family's (None)
-        given = [_flag(f.name) for f in fields if getattr(args, f.name, getattr(defaults, f.name))
+        given = [_flag(f.name) for f in fields if sdtm_option(args, f.name, getattr(defaults, f.name))
                  != getattr(defaults, f.name)]
         if given:
             raise ValueError(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with "
                              "--no-sdtm; drop one or the other.")
         return None
     for field in fields:
-        value = getattr(args, field.name)
+        value = sdtm_option(args, field.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{_flag(field.name)} must be a finite number, got {value}.")
     try:
@@ -463,7 +463,7 @@ def _check_utf8_path(option: str, path: str | None) -> None:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--sdtm-seed" if name == "seed" else "--" + name.replace("_", "-")
 
 
 def model_info(model: str) -> ModelInfo:
@@ -754,7 +754,6 @@ def _generate(job: Job, pipe: Any, pending: list[int]) -> Iterator[dict[int, dic
     batches = [pending[i:i + job.batch_size] for i in range(0, len(pending), job.batch_size)]
     for batch in tqdm(batches, desc="sdtm generate", unit="batch", disable=job.ranks.rank != 0 or not batches):
         seeds = [job.seed + i for i in batch]
-        torch.manual_seed(seeds[0])  # SDTM forks its random window destinations from torch's RNG
         generators = [torch.Generator(job.device).manual_seed(seed) for seed in seeds]
         start = time.perf_counter()
         images = pipe(prompt=[job.prompts[i].text for i in batch], num_inference_steps=job.steps,
