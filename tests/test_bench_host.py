@@ -27,7 +27,7 @@ from sdtm.core.ops import cpp_unavailable_reason
 from sdtm.core.patch import apply_sdtm
 
 # Two joint blocks and the last block (no text output); steps 0 and 3 protected, 1 structure, 2 detail.
-SMALL = HostSetting(layers=3, steps=4, switch_step=1, grid=8)
+SMALL = HostSetting(layers=3, steps=4, switch_step=1, grid=16)
 CPU_BACKENDS = ["torch"] + (["cpp"] if cpp_unavailable_reason() is None else [])
 # diffusers' text stream of a joint block: what the last block (context_pre_only) does not launch.
 TEXT_STREAM_LAUNCHES = 14
@@ -159,7 +159,7 @@ def test_triton_launches_are_counted_once_each():
 @requires_triton
 def test_triton_block_launches_by_phase():
     # One block (the last one): protected, structure, detail, protected.
-    result = triton_block_launches(HostSetting(layers=1, steps=4, switch_step=1, grid=8))
+    result = triton_block_launches(HostSetting(layers=1, steps=4, switch_step=1, grid=16))
     unmerged, triton = result["unmerged"], result["triton"]
     assert triton["protected"]["triton"] == 0
     assert triton["protected"]["typical"] == unmerged["typical"] + 2
@@ -200,7 +200,7 @@ def test_compiled_variants_are_counted_running_their_graphs():
     mutating custom ops too), with no recompilation (which would run the model eagerly) and without
     telling blocks apart."""
     backend = CPU_BACKENDS[-1]
-    setting = HostSetting(layers=1, steps=2, switch_step=0, grid=8)  # a protected step, then a detail step
+    setting = HostSetting(layers=1, steps=2, switch_step=0, grid=16)  # a protected step, then a detail step
     torch._dynamo.reset()
     try:
         result = bench_host(setting, [backend], rounds=1, compile_backend="aot_eager", progress=False)
@@ -220,7 +220,7 @@ def test_compiled_variants_are_counted_running_their_graphs():
 
 
 def test_cli_host_json(capsys):
-    args = ["bench", "host", "--json", "--layers", "2", "--steps", "4", "--switch-step", "1", "--grid", "8",
+    args = ["bench", "host", "--json", "--layers", "2", "--steps", "4", "--switch-step", "1", "--grid", "16",
             "--rounds", "1", "--compile", "none", "--backends", "torch"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -239,7 +239,7 @@ def test_cli_host_options_are_host_only(capsys):
 def test_targets_are_not_measured_when_no_block_merged(settings):
     """A run where no block merges (ratio 0, or a schedule whose only step is protected) meets no target
     over nothing: each says not measured."""
-    setting = HostSetting(layers=3, grid=8, **{"steps": 4, "switch_step": 1, **settings})
+    setting = HostSetting(layers=3, grid=16, **{"steps": 4, "switch_step": 1, **settings})
     result = bench_host(setting, ["torch"], rounds=1, compile_backend=None, progress=False)
     assert not {"structure", "detail"} & set(result["ratios"]["eager"]["torch"]["block_launches"])
     targets = result["targets"]
@@ -266,7 +266,7 @@ def test_block_target_names_the_merged_phase_it_did_not_measure():
 
 
 def test_cli_host_says_not_measured_at_ratio_zero(capsys):
-    args = ["bench", "host", "--layers", "2", "--steps", "4", "--switch-step", "1", "--grid", "8", "--rounds", "1",
+    args = ["bench", "host", "--layers", "2", "--steps", "4", "--switch-step", "1", "--grid", "16", "--rounds", "1",
             "--compile", "none", "--backends", "torch", "--ratio", "0", "--deviation", "0"]
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -10,30 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from .ops import OpSet
+from .ops import TORCH_OPS, OpSet
 from .plans import MergePlan, advance_merge_age_, merge_age_priority
 from .schedule import BlockAction, BlockMode, Phase
 from .state import BlockLink
 
 
 def begin_block(link: BlockLink, hidden_states: torch.Tensor) -> BlockAction:
-    """What a patched block does in this call, after checking that its transformer prepared it and that
-    ``hidden_states`` [B, N, C] has the grid's N image tokens. For an UNCHANGED block of a protected layer
-    the merge age is reset here (the next merge starts T afresh)."""
-    action = link.action
-    if action is None:
-        raise RuntimeError(
-            "an SDTM-patched block was called outside its transformer's forward; call the transformer."
-        )
+    """What a merging or protected block does in this call, after checking that ``hidden_states``
+    [B, N, C] has the grid's N image tokens."""
     grid = link.state.grid
     if hidden_states.shape[1] != grid.num_tokens:
         raise ValueError(
             f"the block got {hidden_states.shape[1]} image tokens but the latent grid is "
             f"{grid.height}x{grid.width}={grid.num_tokens} tokens."
         )
-    if action.mode is BlockMode.UNCHANGED and action.reset_merge_age:
-        link.stream.merge_age.zero_()
-    return action
+    return link.action
 
 
 @torch.no_grad()
@@ -101,6 +93,9 @@ def finish_sublayer(
         return y + residual if output_first else residual + y
     mcw = link.state.config.mcw
     cache = link.cache_in.get(name)
+    if any(t is not None and t.dtype != y.dtype for t in (gate, residual, cache, cache_out)):
+        # Mixed dtypes (autocast keeps some operands in float32): the torch twin promotes as the model would.
+        ops, in_place = TORCH_OPS, False
     if not in_place:
         out, new_cache = ops.unmerge(y, plan.slot, plan.blend, cache, gate, residual, mcw, cache_out is not None)
         if cache_out is not None:

@@ -9,14 +9,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import graphs
+from . import graphs, hooks
 from .config import SDTMConfig
 from ..models import adapter_for
 from .ops import check_backend
 from .state import BlockLink, SDTMState, compute_dtype
-
-_patched_classes: dict[type, type] = {}
-
 
 def apply_SDTM(
     pipe: Any,
@@ -94,6 +91,7 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
         raise ValueError("the transformer has no integer config.patch_size; SDTM needs the token grid.")
 
     remove_sdtm(transformer)
+    _refuse_batch_changing_caches(transformer)
     state = SDTMState(config=config, num_layers=len(blocks), timesteps_source=timesteps_source)
     state.adapter = adapter
     transformer._sdtm_state = state
@@ -101,8 +99,8 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
     for layer, block in enumerate(blocks):
         link = BlockLink(state, layer, block, sublayers=adapter.sublayers(block))
         state.links.append(link)
-        block._sdtm = link
-        block.__class__ = _patched_class(type(block), adapter.forward_for(block))
+        hooks.attach(block, hooks.SDTMBlockHook(link, adapter.forward_for(block)))
+    _invalidate_registry_caches(transformer)
     if config.cuda_graphs and graphs.graph_stats(transformer) is None:
         graphs.enable_cuda_graphs(transformer)
         transformer._sdtm_enabled_graphs = True
@@ -110,7 +108,8 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
 
 
 def remove_SDTM(pipe: Any) -> Any:
-    """Undo ``apply_SDTM``; the model is exactly as before. Harmless on an unpatched model."""
+    """Undo ``apply_SDTM``; the model is exactly as before (other hooks on it keep working). Harmless on an
+    unpatched model."""
     return remove_sdtm(pipe)
 
 
@@ -128,10 +127,8 @@ def remove_sdtm(module: Any) -> Any:
     elif (runner := getattr(transformer, graphs.GRAPHS_ATTRIBUTE, None)) is not None:
         runner.clear()  # graphs captured with SDTM's blocks are of no use without them
     for submodule in transformer.modules():
-        parent = type(submodule).__dict__.get("_sdtm_parent")
-        if parent is not None:
-            submodule.__class__ = parent
-            del submodule._sdtm
+        hooks.detach(submodule)
+    _invalidate_registry_caches(transformer)
     return module
 
 
@@ -279,24 +276,34 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     call = adapter.call_info(module, args, kwargs)
     # SDTM's persistent buffers (merge age, caches, draws) must be normal tensors even when the first call
     # runs under torch.inference_mode(), or later calls outside it could not update them in place.
-    with torch.inference_mode(False):
+    autograd = torch.is_grad_enabled()  # (inference_mode(False) turns grad mode on)
+    with torch.inference_mode(False), torch.no_grad():
+        if state.settle() and graphs.graph_stats(module) is not None:
+            raise RuntimeError(
+                "a step cache skipped blocks of a transformer replayed as CUDA graphs; a graph holds the "
+                "blocks that ran when it was captured, so it would replay them. Use CUDA graphs or the step "
+                "cache, not both (apply_SDTM(..., cuda_graphs=False))."
+            )
         state.begin_call(call.timestep, call.grid_height, call.grid_width, call.timestep_scale)
         dtype = compute_dtype(state.links[0].block, call.device)
-        state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device)
+        state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device, autograd)
     return None
 
 
-def _patched_class(block_class: type, forward: Callable) -> type:
-    """A runtime subclass whose forward is SDTM's; one per original class, so applying twice is cheap."""
-    if "_sdtm_parent" in block_class.__dict__:
-        block_class = block_class.__dict__["_sdtm_parent"]
-    if block_class not in _patched_classes:
-        _patched_classes[block_class] = type(
-            f"SDTM{block_class.__name__}",
-            (block_class,),
-            # The original forward as a plain function: dynamo cannot trace ``Parent.forward`` on classes
-            # diffusers marks with ``maybe_allow_in_graph`` (Flux's blocks).
-            {"forward": forward, "_sdtm_parent": block_class,
-             "_sdtm_original_forward": staticmethod(block_class.forward)},
-        )
-    return _patched_classes[block_class]
+def _invalidate_registry_caches(transformer: torch.nn.Module) -> None:
+    """diffusers' registries cache the registries below them; blocks gained or lost one."""
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+
+
+def _refuse_batch_changing_caches(transformer: torch.nn.Module) -> None:
+    """FasterCache computes the unconditional half of a CFG batch only now and then (the transformer's
+    batch changes between steps); SDTM's caches and merge age are per sample and cannot follow."""
+    for name in hooks.foreign_hooks(transformer):
+        if "faster_cache" in name:
+            raise ValueError(
+                "SDTM cannot run with FasterCache: FasterCache changes the transformer's batch between steps "
+                "(it skips the unconditional branch), which SDTM's per-sample caches cannot follow. Use "
+                "FirstBlockCache, MagCache, TaylorSeer or PyramidAttentionBroadcast with SDTM, or remove one."
+            )

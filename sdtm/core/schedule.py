@@ -6,6 +6,7 @@ Pure functions of (config, step, layer); no tensors. Steps ``s`` run from 0 to `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -144,10 +145,20 @@ def step_program(
     )
 
 
-def action_for_sublayers(action: BlockAction, kinds: frozenset[str]) -> BlockAction:
+def action_for_sublayers(action: BlockAction, kinds: frozenset[str], merge_attention: bool = True) -> BlockAction:
     """``action`` for a block whose sub-layers are of ``kinds`` ("attn" merges in the structure phase,
     "mlp" in both): a MERGED action that merges none of them (the detail phase in a block without an
-    "mlp" sub-layer, e.g. Flux's single-stream blocks) leaves the block UNCHANGED."""
+    "mlp" sub-layer, e.g. Flux's single-stream blocks) leaves the block UNCHANGED. ``merge_attention``
+    False: the block's attention-kind sub-layers never merge (and store no cache for merged steps)."""
+    if not merge_attention and kinds - {"mlp"}:
+        if action.mode is BlockMode.UNCHANGED:
+            return action
+        action = dataclasses.replace(action, merge_attn=False, store_attn_cache=False)
+        if not (action.merge_mlp and "mlp" in kinds) and action.mode is BlockMode.MERGED:
+            return BlockAction(BlockMode.UNCHANGED, action.phase)
+        if action.mode is BlockMode.PROTECTED and not (action.store_mlp_cache and "mlp" in kinds):
+            return BlockAction(BlockMode.UNCHANGED, action.phase)
+        return action
     if action.mode is not BlockMode.MERGED:
         return action
     if (action.merge_attn and kinds - {"mlp"}) or (action.merge_mlp and "mlp" in kinds):

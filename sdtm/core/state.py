@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .config import SDTMConfig
+from . import hooks
 from .ops import TORCH_OPS, OpSet, ops_for
 from .plans import Grid
 from .schedule import BlockAction, BlockMode, Phase, action_for_sublayers, merged_tokens, step_program
@@ -87,6 +88,26 @@ class BlockLink:
     stream: CallStream | None = None
     cache_in: dict[str, torch.Tensor] = field(default_factory=dict)
     cache_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Whether the block ran in the current call (set by its hook; a step cache may skip it), the caches
+    # this call made valid, and the index of the call's record of the block.
+    ran: bool = True
+    new_caches: tuple[tuple[str, int], ...] = ()
+    record: int = -1
+
+    def runs_unchanged(self) -> bool:
+        """Whether the block runs as without SDTM in this call (after checking that its transformer
+        prepared it). For an UNCHANGED block of a protected layer the merge age is reset here (the next
+        merge starts T afresh)."""
+        action = self.action
+        if action is None:
+            raise RuntimeError(
+                "an SDTM-patched block was called outside its transformer's forward; call the transformer."
+            )
+        if action.mode is not BlockMode.UNCHANGED:
+            return False
+        if action.reset_merge_age:
+            self.stream.merge_age.zero_()
+        return True
 
 
 @dataclass
@@ -114,12 +135,14 @@ class SDTMState:
     # Per generation.
     streams: dict[int, CallStream] = field(default_factory=dict)
     generator: torch.Generator | None = None
-    records: list[StepRecord] = field(default_factory=list)
+    _records: list[StepRecord] = field(default_factory=list)
     _timesteps: torch.Tensor | None = None
     _timestep_values: list[float] = field(default_factory=list)
     _remove_buffer: torch.Tensor | None = None
     _draw_buffer: torch.Tensor | None = None  # [L, B, W] random destinations of a call, filled in place
-    adapter_memo: dict = field(default_factory=dict)  # what the model's adapter remembers between calls
+    adapter_memo: dict = field(default_factory=dict)
+    skipped_blocks: int = 0  # block calls a step cache skipped, over the state's life
+    _age_before: bool = False  # whether merge age existed before the last prepared call  # what the model's adapter remembers between calls
     _resolved: tuple[int, SDTMConfig] | None = None  # (step count, config with the default switch step)
 
     def reset(self) -> None:
@@ -130,7 +153,35 @@ class SDTMState:
         for stream in self.streams.values():
             stream.restart()
         self.generator = None
-        self.records.clear()
+        self._records.clear()
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """Token counts of every block call of the current generation, in call order; a block a step cache
+        skipped is recorded with mode "skipped" and no tokens."""
+        self.settle()
+        return self._records
+
+    def settle(self) -> int:
+        """Account for the blocks of the last prepared call that did not run (a step cache skipped them):
+        their records say "skipped", the caches they were to fill first are not valid, and whether merge
+        age exists follows the blocks that ran. SDTM's state is then as if those blocks had not been called
+        at that step. Returns the number of blocks skipped."""
+        skipped = [link for link in self.links if not link.ran]
+        if not skipped:
+            return 0
+        for link in skipped:
+            link.ran = True  # settled once
+            record = self._records[link.record]
+            self._records[link.record] = StepRecord(record.step, record.layer, "skipped", record.phase, 0, 0)
+            link.stream.valid.difference_update(link.new_caches)
+        skipped_ids, age_exists = {id(link) for link in skipped}, self._age_before
+        for link in self.links:  # as prepare_blocks, over the blocks that ran
+            if id(link) not in skipped_ids:
+                age_exists = (age_exists and not link.action.reset_merge_age) or link.action.mode is BlockMode.MERGED
+        self.links[0].stream.age_exists = age_exists
+        self.skipped_blocks += len(skipped)
+        return len(skipped)
 
     def begin_call(self, timestep: torch.Tensor | float, grid_height: int, grid_width: int,
                    timestep_scale: float = 1.0):
@@ -165,21 +216,28 @@ class SDTMState:
             )
         self.grid = grid
 
-    def prepare_blocks(self, batch: int, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+    def prepare_blocks(self, batch: int, channels: int, dtype: torch.dtype, device: torch.device,
+                       autograd: bool = False) -> None:
         """Decide what every block does in this call and hand each its inputs (see ``BlockLink``); append
-        the call's token counts to ``records``. Runs after ``begin_call``."""
+        the call's token counts to ``records``. Runs after ``begin_call``. ``autograd``: the call runs
+        with autograd on."""
         grid, config = self.grid, self.config
+        # A block whose attention carries another hook that may return a stored output (a cache of
+        # attention outputs: PyramidAttentionBroadcast, TaylorSeer, ...) never merges its attention: the
+        # stored output must keep the full token count.
+        hooked = tuple(any(hooks.replaces_output(m) for m in self.adapter.attention_modules(link.block))
+                       for link in self.links) if self.adapter is not None else (False,) * len(self.links)
         program = _block_program(self._resolved_config(), self.step, self.num_steps, grid,
-                                 tuple(frozenset(link.sublayers.values()) for link in self.links))
+                                 tuple(frozenset(link.sublayers.values()) for link in self.links), hooked)
         if self.backend_ops is None or self.ops_device != device:
             self.backend_ops, self.ops_device = ops_for(config.backend, device), device
         # The fused ops have no autograd formulas: with autograd on, the torch twins (differentiable) run.
-        self.ops = TORCH_OPS if torch.is_grad_enabled() else self.backend_ops
+        self.ops = TORCH_OPS if autograd else self.backend_ops
         stream = self._stream(batch, channels, dtype, device)
         draws = self._draws(program, stream, batch, grid, device)
-        age_exists = stream.age_exists
+        age_exists = self._age_before = stream.age_exists
         for link, action in zip(self.links, program):
-            link.action, link.stream = action, stream
+            link.action, link.stream, link.ran = action, stream, False
             if action.reset_merge_age:
                 age_exists = False
             link.age_exists = age_exists
@@ -189,7 +247,8 @@ class SDTMState:
             if action.mode is BlockMode.MERGED:
                 age_exists = True
             merged = merged_tokens(action, grid.num_tokens, grid.window_size, grid.num_windows)
-            self.records.append(StepRecord(
+            link.record = len(self._records)
+            self._records.append(StepRecord(
                 self.step, link.layer, action.mode.value, action.phase.value,
                 merged if action.merge_attn else grid.num_tokens, merged if action.merge_mlp else grid.num_tokens,
             ))
@@ -231,13 +290,14 @@ class SDTMState:
                 dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
         """The valid caches the block may blend with, and the buffers it stores into (allocated once)."""
         if action.mode is BlockMode.UNCHANGED:
+            link.new_caches = ()
             return {}, {}
         kinds = link.sublayers
         cache_in = {}
         if action.mode is BlockMode.MERGED:  # only merged sub-layers blend
             merging = [n for n, kind in kinds.items() if (action.merge_mlp if kind == "mlp" else action.merge_attn)]
             cache_in = {n: stream.caches[(n, link.layer)] for n in merging if (n, link.layer) in stream.valid}
-        cache_out = {}
+        cache_out, new = {}, []
         for name, kind in kinds.items():
             if not (action.store_mlp_cache if kind == "mlp" else action.store_attn_cache):
                 continue
@@ -245,7 +305,10 @@ class SDTMState:
             if key not in stream.caches:
                 stream.caches[key] = torch.empty(batch, self.grid.num_tokens, channels, dtype=dtype, device=device)
             cache_out[name] = stream.caches[key]
-            stream.valid.add(key)  # holds this call's output once the block has run
+            if key not in stream.valid:
+                new.append(key)
+                stream.valid.add(key)  # holds this call's output once the block has run
+        link.new_caches = tuple(new)
         return cache_in, cache_out
 
     def _remove_view(self, reduce_num: int, device: torch.device) -> torch.Tensor:
@@ -405,10 +468,11 @@ def compute_dtype(block: torch.nn.Module, device: torch.device) -> torch.dtype:
 
 @functools.lru_cache(maxsize=512)
 def _block_program(config: SDTMConfig, step: int, num_steps: int, grid: Grid,
-                   kinds: tuple[frozenset[str], ...]) -> tuple[BlockAction, ...]:
-    """Every block's action at ``step``, for blocks with sub-layers of ``kinds`` (one entry per block)."""
+                   kinds: tuple[frozenset[str], ...], hooked: tuple[bool, ...]) -> tuple[BlockAction, ...]:
+    """Every block's action at ``step``, for blocks with sub-layers of ``kinds`` (one entry per block),
+    ``hooked`` of them with attention that must not merge."""
     program = step_program(config, step, num_steps, len(kinds), grid.num_tokens, grid.num_windows)
-    return tuple(action_for_sublayers(action, k) for action, k in zip(program, kinds))
+    return tuple(action_for_sublayers(action, k, merge_attention=not h) for action, k, h in zip(program, kinds, hooked))
 
 
 def _needs_draw(action: BlockAction, age_exists: bool) -> bool:

@@ -82,6 +82,13 @@ class ModelAdapter:
         in the structure phase) or "mlp" (merges in both phases)."""
         raise NotImplementedError
 
+    def attention_modules(self, block: torch.nn.Module) -> list[torch.nn.Module]:
+        """The block's attention modules (diffusers' attention classes among its children): a hook on one
+        that returns stored outputs stops SDTM merging the block's attention."""
+        from diffusers.hooks._common import _ATTENTION_CLASSES
+
+        return [m for m in block.children() if isinstance(m, _ATTENTION_CLASSES)]
+
     def channels(self, transformer: torch.nn.Module) -> int:
         """Width of the image tokens the blocks see."""
         config = transformer.config

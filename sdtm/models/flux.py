@@ -26,7 +26,7 @@ its own cache of the branch's projected output; a protected step computes the pr
 unpatched model, bit for bit) and would need an extra C x 4C product per token (about a quarter of the
 block's work) to fill that cache. Detail steps merge the MLP of the double-stream blocks only.
 
-Blocks that do not merge at a step run the original forward untouched; protected steps follow diffusers
+Blocks that do not merge at a step run diffusers' forward untouched (sdtm/core/hooks.py); protected steps follow diffusers
 0.42's forwards operation for operation (bit for bit) and store the caches.
 """
 
@@ -149,6 +149,7 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------- double stream
 def flux_block_forward(
+    link: BlockLink,
     self,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
@@ -156,13 +157,9 @@ def flux_block_forward(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     joint_attention_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of a patched ``FluxTransformerBlock``; same signature and outputs as diffusers'."""
-    link: BlockLink = self._sdtm
+    """``FluxTransformerBlock.forward`` of a block that merges or is protected in this call (``link``);
+    same arguments and outputs as diffusers'."""
     action = engine.begin_block(link, hidden_states)
-    if action.mode is BlockMode.UNCHANGED:
-        return self._sdtm_original_forward(
-            self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
-        )
     joint_attention_kwargs = joint_attention_kwargs or {}
     ops = link.state.ops
     fused_norms = action.mode is BlockMode.MERGED and norms.fusable(self)
@@ -227,6 +224,7 @@ def flux_block_forward(
 
 # --------------------------------------------------------------------------------------- single stream
 def flux_single_block_forward(
+    link: BlockLink,
     self,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
@@ -234,13 +232,10 @@ def flux_single_block_forward(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     joint_attention_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of a patched ``FluxSingleTransformerBlock``; same signature and outputs as diffusers'."""
-    link: BlockLink = self._sdtm
+    """``FluxSingleTransformerBlock.forward`` of a block that merges or is protected in this call
+    (``link``; detail steps leave it unchanged: nothing of it merges there); same arguments and outputs as
+    diffusers'."""
     action = engine.begin_block(link, hidden_states)
-    if action.mode is BlockMode.UNCHANGED:  # detail steps too: nothing of this block merges there
-        return self._sdtm_original_forward(
-            self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
-        )
     joint_attention_kwargs = joint_attention_kwargs or {}
     text_tokens = encoder_hidden_states.shape[1]
 

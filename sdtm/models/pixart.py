@@ -9,7 +9,7 @@ Self- and cross-attention are attention sub-layers (merged in the structure phas
 in both phases; one plan per block, from norm1's output. Cross-attention treats each query on its own,
 so a merged query is the mean of its group's queries and its output goes back to every member.
 
-Blocks that do not merge at a step run the original forward untouched; the merged path below follows
+Blocks that do not merge at a step run diffusers' forward untouched (sdtm/core/hooks.py); the merged path below follows
 ``BasicTransformerBlock.forward`` of diffusers 0.42 for the ada_norm_single case operation for
 operation, so a protected step gives the unpatched result bit for bit.
 """
@@ -28,6 +28,7 @@ from .base import CallInfo, ModelAdapter, argument, latent_grid
 
 
 def pixart_block_forward(
+    link: BlockLink,
     self,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -38,14 +39,9 @@ def pixart_block_forward(
     class_labels: torch.LongTensor | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Forward of a patched PixArt ``BasicTransformerBlock``; same signature and output as diffusers'."""
-    link: BlockLink = self._sdtm
+    """PixArt ``BasicTransformerBlock.forward`` of a block that merges or is protected in this call
+    (``link``); same arguments and output as diffusers'."""
     action = engine.begin_block(link, hidden_states)
-    if action.mode is BlockMode.UNCHANGED:
-        return self._sdtm_original_forward(
-            self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
-            cross_attention_kwargs, class_labels, added_cond_kwargs,
-        )
     if attention_mask is not None:
         raise ValueError("SDTM cannot merge tokens under a self-attention mask; call without attention_mask.")
 

@@ -10,7 +10,7 @@ What a block does at a step was decided on the host before the transformer ran (
 ``SDTMState.prepare_blocks``); the code below reads no step or layer number, so ``torch.compile`` traces
 it into a few graphs for a whole generation, the token count a dynamic size.
 
-Blocks that do not merge at a step run the original forward untouched. The body below mirrors
+Blocks that do not merge at a step run diffusers' forward untouched (sdtm/core/hooks.py). The body below mirrors
 ``JointTransformerBlock.forward`` of diffusers 0.42 operation for operation, so a protected step (full
 block, caches stored) gives the unpatched result bit for bit; tests/test_pipeline.py holds it to that.
 """
@@ -38,18 +38,16 @@ def _feed_forward(block, x: torch.Tensor, merged: bool) -> torch.Tensor:
 
 
 def sd3_block_forward(
+    link: BlockLink,
     self,
     hidden_states: torch.FloatTensor,
     encoder_hidden_states: torch.FloatTensor,
     temb: torch.FloatTensor,
     joint_attention_kwargs: dict[str, Any] | None = None,
 ):
-    """Forward of a patched ``JointTransformerBlock``; same signature and outputs as diffusers'."""
-    link: BlockLink = self._sdtm
+    """``JointTransformerBlock.forward`` of a block that merges or is protected in this call (``link``);
+    same arguments and outputs as diffusers'."""
     action = engine.begin_block(link, hidden_states)
-    if action.mode is BlockMode.UNCHANGED:
-        return self._sdtm_original_forward(self, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
-
     joint_attention_kwargs = joint_attention_kwargs or {}
     ops = link.state.ops
     # Merged blocks normalise through the fused ops; protected blocks run diffusers' modules (bit for bit).
