@@ -238,3 +238,15 @@ def test_layerwise_casting_caches_take_the_compute_dtype(storage, backend):
     caches = [c for s in sdtm_state(flux).streams.values() for c in s.caches.values()]
     assert caches and {c.dtype for c in caches} == {torch.float32}
     assert merged_records(flux) and torch.isfinite(out).all()
+
+
+def test_tensors_remembered_under_inference_mode_serve_later_autograd_calls():
+    from sdtm.core.reference import window_tokens
+
+    window_tokens.cache_clear()
+    with torch.inference_mode():
+        first = window_tokens(6, 6, 2, 2)
+    assert not first.is_inference()
+    x = torch.randn(36, 3, requires_grad=True)
+    x[window_tokens(6, 6, 2, 2)].sum().backward()  # an inference tensor could not be saved for backward
+    assert x.grad is not None

@@ -15,7 +15,8 @@ F = TypeVar("F", bound=Callable)
 
 
 def eager_cache(maxsize: int) -> Callable[[F], F]:
-    """``functools.lru_cache(maxsize)`` in eager mode; a plain call while torch.compile traces."""
+    """``functools.lru_cache(maxsize)`` in eager mode (values always made outside inference mode); a plain
+    call while torch.compile traces."""
 
     def wrap(fn: F) -> F:
         cached = functools.lru_cache(maxsize=maxsize)(fn)
@@ -24,6 +25,10 @@ def eager_cache(maxsize: int) -> Callable[[F], F]:
         def call(*args):
             if torch.compiler.is_compiling():
                 return fn(*args)
+            if torch.is_inference_mode_enabled():
+                # A tensor made under inference mode could not be used by later calls outside it.
+                with torch.inference_mode(False), torch.no_grad():
+                    return cached(*args)
             return cached(*args)
 
         call.cache_clear = cached.cache_clear
