@@ -127,6 +127,9 @@ class GraphedCalls:
                 static.copy_(tensor)
             entry.replay()
             self.replays += 1
+            state = getattr(self.module, "_sdtm_state", None)
+            if state is not None:
+                state.replayed()  # the blocks ran inside the graph, not through their Python hooks
             return _cloned(entry.outputs)
         return self._first_call(key, leaves, spec, forward)
 

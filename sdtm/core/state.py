@@ -162,6 +162,11 @@ class SDTMState:
         self.settle()
         return self._records
 
+    def replayed(self) -> None:
+        """The prepared call ran as a replayed CUDA graph: every block ran as when it was captured."""
+        for link in self.links:
+            link.ran = True
+
     def settle(self) -> int:
         """Account for the blocks of the last prepared call that did not run (a step cache skipped them):
         their records say "skipped", the caches they were to fill first are not valid, and whether merge
