@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from support import assert_close
+from sdtm.core.hooks import attached_hook
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.core import engine
 from sdtm.core.schedule import Phase
@@ -77,7 +78,7 @@ def record_merged_calls(pipe, monkeypatch, run) -> list[BlockCall]:
         return plan
 
     def before(block, args, kwargs):
-        link = block._sdtm
+        link = attached_hook(block).link
         bound = inspect.signature(type(block).forward).bind(block, *args, **kwargs)
         bound.apply_defaults()
         inputs = {k: _snapshot(v) for k, v in bound.arguments.items() if k != "self"}
@@ -93,13 +94,13 @@ def record_merged_calls(pipe, monkeypatch, run) -> list[BlockCall]:
         call = active.pop()
         if call.plan is not None:
             call.outputs = _snapshot(output)
-            call.stored = {name: cache.clone() for name, cache in block._sdtm.cache_out.items()}
+            call.stored = {name: cache.clone() for name, cache in attached_hook(block).link.cache_out.items()}
             calls.append(call)
 
     monkeypatch.setattr(engine, "compute_plan", recording_plan)
     handles = []
     for link in sdtm_state(pipe).links:
-        block = next(m for m in pipe.transformer.modules() if getattr(m, "_sdtm", None) is link)
+        block = link.block
         handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(block.register_forward_hook(after, with_kwargs=True))
     try:
