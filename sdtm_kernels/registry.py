@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from sdtm.core.ops import OP_NAMES, OpSet
+from sdtm.core.opset import OP_NAMES, OpSet
 
 from .bipartite_match import bipartite_match
 from .idm_plan import idm_plan

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
+DEFAULT_SWITCH_STEP = 20  # the reference implementation's, for SD3
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,15 @@ class SDTMConfig:
     def window_size(self) -> int:
         """K, the number of tokens in a complete window."""
         return self.sx * self.sy
+
+    def resolved(self, num_steps: int, structure_share: float | None = None) -> "SDTMConfig":
+        """A ``switch_step`` of None replaced for ``num_steps`` steps: the last step of the first
+        ``structure_share`` of the steps, or ``DEFAULT_SWITCH_STEP`` when no share is given."""
+        if self.switch_step is not None:
+            return self
+        if structure_share is None:
+            return self.replace(switch_step=DEFAULT_SWITCH_STEP)
+        return self.replace(switch_step=max(0, round(structure_share * num_steps) - 1))
 
     def replace(self, **changes) -> "SDTMConfig":
         """A copy with some fields changed (validated again)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (registers the ops)
-from .ops import OpSet
+from .opset import OpSet
 from .plans import Grid, MergePlan
 from .schedule import sources_to_merge, windows_to_merge
 

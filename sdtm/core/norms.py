@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.normalization import AdaLayerNormZero, SD35AdaLayerNormZeroX
 
-from .ops import OpSet
+from .opset import OpSet
 from .plans import MergePlan
 
 

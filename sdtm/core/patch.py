@@ -11,7 +11,7 @@ import torch
 
 from . import graphs, hooks
 from .config import SDTMConfig
-from ..models import adapter_for
+from .families import adapter_for
 from .ops import check_backend
 from .state import BlockLink, SDTMState, compute_dtype
 

@@ -264,10 +264,8 @@ class SDTMState:
         if self.config.switch_step is not None:
             return self.config
         if self._resolved is None or self._resolved[0] != self.num_steps:
-            from ..models import SD3Adapter  # the reference's fixed default where no model is known
-
-            adapter = self.adapter if self.adapter is not None else SD3Adapter()
-            self._resolved = (self.num_steps, adapter.resolve_config(self.config, self.num_steps))
+            share = self.adapter.structure_share if self.adapter is not None else None
+            self._resolved = (self.num_steps, self.config.resolved(self.num_steps, share))
         return self._resolved[1]
 
     def _stream(self, batch: int, channels: int, dtype: torch.dtype, device: torch.device) -> CallStream:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 
-DEFAULT_SWITCH_STEP = 20  # the reference implementation's, for SD3
+from ..core.config import DEFAULT_SWITCH_STEP  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,7 @@ class ModelAdapter:
     def resolve_config(self, config, num_steps: int):
         """``config`` (an SDTMConfig) with ``switch_step=None`` replaced by this family's default for
         ``num_steps`` steps: 20, or the last step of the first ``structure_share`` of the steps."""
-        if config.switch_step is not None:
-            return config
-        if self.structure_share is None:
-            return config.replace(switch_step=DEFAULT_SWITCH_STEP)
-        return config.replace(switch_step=max(0, round(self.structure_share * num_steps) - 1))
+        return config.resolved(num_steps, self.structure_share)
 
     def matches(self, transformer: torch.nn.Module) -> bool:
         return any(cls.__name__ == self.transformer_class for cls in type(transformer).__mro__)
