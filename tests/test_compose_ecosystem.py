@@ -421,8 +421,13 @@ def _add_lora(pipe, lora):
     pipe.transformer.add_adapter(lora)
 
 
+def test_pixart_transformer_takes_no_lora_adapter_in_diffusers():
+    # A diffusers limitation, not SDTM's: PixArtTransformer2DModel has no PEFT adapter methods.
+    assert not hasattr(make("pixart").transformer, "add_adapter")
+
+
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_composes_in_either_order(family, order):
     lora = _peft_or_skip()
     base = generate(make(family), family)
