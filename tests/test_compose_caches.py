@@ -423,18 +423,35 @@ def test_diffusers_alone_seacache_on_sd3_skips_nothing():
     assert torch.equal(out, plain)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_faster_cache_is_refused_when_applied_before_sdtm(family):
-    pipe = make(family)
-    config = FasterCacheConfig(
+def _faster_cache_config(family):
+    return FasterCacheConfig(
         spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 999.5),
         unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 1001),
         attention_weight_callback=lambda _: 0.5, tensor_format="BCHW", is_guidance_distilled=family == "flux",
         current_timestep_callback=lambda: 500.0)
+
+
+def _enable_faster_cache(pipe, family):
+    config = _faster_cache_config(family)
     if isinstance(pipe.transformer, CacheMixin):
         pipe.transformer.enable_cache(config)
     else:
         apply_faster_cache(pipe.transformer, config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_faster_cache_is_refused_when_applied_after_sdtm(family):
+    pipe = make(family)
+    apply_SDTM(pipe, **MERGING)
+    _enable_faster_cache(pipe, family)
+    with pytest.raises(ValueError, match="SDTM cannot run with FasterCache"):
+        run(pipe, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_faster_cache_is_refused_when_applied_before_sdtm(family):
+    pipe = make(family)
+    _enable_faster_cache(pipe, family)
     with pytest.raises(ValueError, match="SDTM cannot run with FasterCache: FasterCache changes the transformer's"):
         apply_SDTM(pipe, **MERGING)
     assert sdtm_state(pipe) is None

@@ -18,12 +18,19 @@ from .state import BlockLink
 
 def begin_block(link: BlockLink, hidden_states: torch.Tensor) -> BlockAction:
     """What a merging or protected block does in this call, after checking that ``hidden_states``
-    [B, N, C] has the grid's N image tokens."""
+    [B, N, C] has the grid's N image tokens and the call's batch B."""
     grid = link.state.grid
     if hidden_states.shape[1] != grid.num_tokens:
         raise ValueError(
             f"the block got {hidden_states.shape[1]} image tokens but the latent grid is "
             f"{grid.height}x{grid.width}={grid.num_tokens} tokens."
+        )
+    batch = link.stream.merge_age.shape[0]
+    if hidden_states.shape[0] != batch:
+        raise ValueError(
+            f"the block got a batch of {hidden_states.shape[0]} but its transformer was called with {batch}; "
+            "something between the transformer and its blocks changes the batch (a hook such as FasterCache), "
+            "which SDTM's per-sample caches cannot follow."
         )
     return link.action
 

@@ -272,6 +272,7 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             "repeat SDTM's in-place merge-age and cache updates and give wrong gradients. Call "
             "transformer.disable_gradient_checkpointing(), or remove_SDTM(...) for training."
         )
+    _refuse_batch_changing_caches(module)  # also when enabled after SDTM
     adapter = state.adapter
     call = adapter.call_info(module, args, kwargs)
     # SDTM's persistent buffers (merge age, caches, draws) must be normal tensors even when the first call
