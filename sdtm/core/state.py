@@ -141,7 +141,7 @@ class SDTMState:
     _remove_buffer: torch.Tensor | None = None
     _draw_buffer: torch.Tensor | None = None  # [L, B, W] random destinations of a call, filled in place
     adapter_memo: dict = field(default_factory=dict)
-    skipped_blocks: int = 0  # block calls a step cache skipped, over the state's life
+    _skipped_blocks: int = 0  # block calls a step cache skipped, over the state's life
     _age_before: bool = False  # whether merge age existed before the last prepared call  # what the model's adapter remembers between calls
     _resolved: tuple[int, SDTMConfig] | None = None  # (step count, config with the default switch step)
 
@@ -161,6 +161,12 @@ class SDTMState:
         skipped is recorded with mode "skipped" and no tokens."""
         self.settle()
         return self._records
+
+    @property
+    def skipped_blocks(self) -> int:
+        """Block calls a step cache skipped since SDTM was applied."""
+        self.settle()
+        return self._skipped_blocks
 
     def replayed(self) -> None:
         """The prepared call ran as a replayed CUDA graph: every block ran as when it was captured."""
@@ -185,7 +191,7 @@ class SDTMState:
             if id(link) not in skipped_ids:
                 age_exists = (age_exists and not link.action.reset_merge_age) or link.action.mode is BlockMode.MERGED
         self.links[0].stream.age_exists = age_exists
-        self.skipped_blocks += len(skipped)
+        self._skipped_blocks += len(skipped)
         return len(skipped)
 
     def begin_call(self, timestep: torch.Tensor | float, grid_height: int, grid_width: int,
