@@ -1,6 +1,8 @@
 # Everything runs inside a local virtual environment (.venv) with torch pinned to 2.13.0 (CPU build).
 #   make demo   install if needed, then compare generation with and without SDTM on a tiny SD3 pipeline
 #   make test   install if needed, then run the test suite
+# requirements.txt pins the optional extras too (triton, test, and cache: cache-dit for --cache cache-dit),
+# so `make install` (and CI, which runs `make test`) has them all.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
