@@ -79,11 +79,14 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved_medians(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-                        progress: bool = True) -> dict[str, float]:
-    """Median seconds per run; each round times every run once, in turn, after one warm-up call each."""
+                        progress: bool = True, samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Median seconds per run; each round times every run once, in turn, after one warm-up call each.
+    ``samples``: filled with every round's seconds per run."""
     for fn in runs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
+    if samples is not None:
+        samples.update(times)
     for _ in tqdm(range(rounds), desc="rounds", leave=False, disable=not progress):
         for name, fn in runs.items():
             _sync(device)
@@ -406,6 +409,91 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
                                                                                    small_latent[1] // 2]},
         "overhead_seconds": overhead,
         "overhead_added": {b: overhead[b] / overhead["unmerged"] - 1 for b in backends},
+    }
+
+
+# The variants of a stacking benchmark: no cache and no SDTM, the step cache alone, SDTM alone, both.
+STACKING_VARIANTS = ("unmerged", "cache", "sdtm", "both")
+
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` that shares its parameters and buffers (no memory for weights)."""
+    import copy
+    import itertools
+
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def stacking_efficiency(speedups: dict[str, float]) -> float:
+    """speedup(both) / (speedup(cache) x speedup(sdtm)): 1 when the two gains multiply."""
+    return speedups["both"] / (speedups["cache"] * speedups["sdtm"])
+
+
+def bench_stacking(cache: str, backend: str = "cpp", rounds: int = 3, steps: int = 10, grid: int = 32,
+                   progress: bool = True, model: str = "sd3", num_layers: int | None = None,
+                   heads: int | None = None) -> dict:
+    """A step cache stacked with SDTM: the shrunk transformer of ``model`` (``E2E_MODELS``; ``grid`` x
+    ``grid`` image tokens, the family's batch and text tokens) over ``steps`` steps in four variants,
+    rounds interleaved: unmerged, ``cache`` alone (``sdtm.cli.caches``: a deterministic schedule), SDTM
+    alone (its defaults, the family's switch step, ``backend``), both. Each variant is a copy of one
+    transformer sharing its weights, with its own inputs drawn from the same seed. Reports medians, speedups
+    over unmerged, ``stacking_efficiency`` (``speedup(both) / (speedup(cache) x speedup(sdtm))``), what each
+    variant computed in its last generation (block calls and steps with every block computed), SDTM's
+    records by mode and each variant's relative change of the latents from unmerged."""
+    from .caches import apply_cache, check_cache, sdtm_record_counts
+
+    if model not in E2E_MODELS:
+        raise ValueError(f"--model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
+    check_cache(cache, model)
+    check_cpu_backends([backend])
+    spec = E2E_MODELS[model]
+    latent = 2 * grid  # SD3 / PixArt patches and Flux's packing: 2 x 2 latent pixels a token
+    base = shaped_transformer(model, num_layers, heads, sample_size=latent)
+    config = SDTMConfig(backend=backend, switch_step=None)
+    transformers = {name: base if name == "unmerged" else shared_copy(base) for name in STACKING_VARIANTS}
+    caches, runs, outputs, samples = {}, {}, {}, {}
+    try:
+        for name, transformer in transformers.items():
+            run = Denoiser(transformer, latent, latent, steps, batch=spec["batch"])
+            caches[name] = apply_cache(cache if name in ("cache", "both") else "none", transformer, steps,
+                                       run.scheduler)
+            if name in ("sdtm", "both"):
+                apply_sdtm(transformer, config, scheduler=run.scheduler)
+
+            def call(run=run, name=name):
+                outputs[name] = run()
+
+            runs[name] = call
+        seconds = interleaved_medians(runs, rounds, torch.device("cpu"), progress, samples)
+        computed = {name: caches[name].report() for name in STACKING_VARIANTS}
+        records = {name: sdtm_record_counts(transformers[name]) for name in ("sdtm", "both")}
+    finally:
+        for name, transformer in transformers.items():
+            if name in caches:
+                caches[name].disable()
+            remove_sdtm(transformer)
+    speedup = {name: seconds["unmerged"] / seconds[name] for name in STACKING_VARIANTS[1:]}
+    reference = outputs["unmerged"]
+    schedule = computed["cache"].pop("schedule")
+    for report in computed.values():
+        report.pop("schedule", None)
+    return {
+        "model": model, "cache": cache, "backend": backend,
+        "transformer": {"title": spec["title"], "blocks": len(sdtm_blocks(base)),
+                        "channels": transformer_channels(base), "batch": spec["batch"],
+                        "text_tokens": spec["text_tokens"], "steps": steps, "grid": [grid, grid],
+                        "switch_step": resolved_config(base, config, steps).switch_step},
+        "schedule": schedule,
+        "rounds": rounds,
+        "seconds": seconds,
+        "round_seconds": samples,
+        "speedup": speedup,
+        "stacking_efficiency": stacking_efficiency(speedup),
+        "computed": computed,
+        "sdtm_records": records,
+        "relative_change": {name: ((outputs[name] - reference).norm() / reference.norm()).item()
+                            for name in STACKING_VARIANTS[1:]},
     }
 
 

@@ -155,10 +155,11 @@ def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, b
 
 
 def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto", out: str | None = ".",
-             print_fn=print, model: str = "sd3") -> dict:
+             print_fn=print, model: str = "sd3", cache: str = "none") -> dict:
     """Generate on the tiny pipeline of ``model`` (sd3, flux or pixart) without and with SDTM; print
     latency, MACs and tokens per phase, and (``out`` not None) write ``out/sdtm_demo.png``: both images
-    side by side and the tokens per step.
+    side by side and the tokens per step. ``cache`` other than "none": four variants instead, with the step
+    cache of that name (``run_stacking_demo``).
 
     ``size`` is the image side in pixels (the demo's VAE does not down-sample, so the token grid is
     size/2 x size/2: SD3 and PixArt patches of 2 x 2 latent pixels, Flux's packed 2 x 2 patches).
@@ -172,6 +173,8 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
+    if cache != "none":
+        return run_stacking_demo(cache, size, steps, repeats, backend, out, print_fn, model)
     demo = DEMO_MODELS[model]
     spec = demo.spec
     pipe = demo.build(spec)
@@ -236,6 +239,103 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
             "realised_share": speedup / mac_ratio if mac_ratio > 1.0 else None,  # None: nothing merged
             "baseline_macs": baseline_macs, "sdtm_macs": sdtm_macs, "relative_change": difference,
             "switch_step": switch_step, "grid": [grid.height, grid.width], "mac_grid": list(report.grid)}
+
+
+def _describe(model: str, demo: DemoModel, size: int, steps: int) -> str:
+    spec = demo.spec
+    blocks = (f"{spec.num_layers} double-stream + {spec.num_single_layers} single-stream blocks" if model == "flux"
+              else f"{spec.num_layers} blocks")
+    batch = "batch 2 (CFG)" if demo.batch == 2 else "batch 1 (guidance-distilled, no CFG)"
+    return (f"{demo.title}: {blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, {steps} steps, "
+            f"{torch.get_num_threads()} threads")
+
+
+def run_stacking_demo(cache: str, size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto",
+                      out: str | None = ".", print_fn=print, model: str = "sd3") -> dict:
+    """A step cache stacked with SDTM on the tiny pipeline of ``model``: four pipelines of the same weights
+    (unmerged, the cache ``cache`` alone on its deterministic schedule, SDTM alone, both), ``repeats``
+    interleaved rounds after one warm-up generation each; prints latency, speedup, what each computed
+    (block calls, steps with every block computed) and the stacking efficiency ``speedup(both) /
+    (speedup(cache) x speedup(sdtm))``; (``out`` not None) writes ``out/sdtm_demo.png`` with the four
+    images. Returns the numbers it printed."""
+    from .bench import STACKING_VARIANTS, stacking_efficiency
+    from .caches import apply_cache, check_cache, sdtm_record_counts
+
+    check_cache(cache, model)
+    demo = DEMO_MODELS[model]
+    settings = demo_settings(model, steps, backend)
+    pipes = {name: demo.build(demo.spec) for name in STACKING_VARIANTS}
+    print_fn(_describe(model, demo, size, steps))
+    from ..models import adapter_for
+
+    switch_step = adapter_for(pipes["sdtm"].transformer).resolve_config(SDTMConfig(**settings), steps).switch_step
+    print_fn(f"SDTM: defaults with switch_step={switch_step}, backend={backend}")
+    caches = {}
+    try:
+        for name, pipe in pipes.items():
+            caches[name] = apply_cache(cache if name in ("cache", "both") else "none", pipe, steps)
+            if name in ("sdtm", "both"):
+                apply_SDTM(pipe, **settings)
+        schedule = caches["cache"].schedule()
+        print_fn(f"cache {cache}: {schedule['description']}")
+        for pipe in pipes.values():  # warm-up
+            _generate(pipe, demo, size, steps, seed=0)
+        times: dict[str, list[float]] = {name: [] for name in pipes}
+        for _ in tqdm(range(repeats), desc="timing (interleaved)", leave=False):
+            for name, pipe in pipes.items():
+                times[name] += _timed(pipe, demo, size, steps, 1)[0]
+        outputs = {name: _generate(pipe, demo, size, steps, seed=0) for name, pipe in pipes.items()}
+        computed = {name: caches[name].report() for name in pipes}
+        records = {name: sdtm_record_counts(pipes[name].transformer) for name in ("sdtm", "both")}
+        images = {name: _generate(pipe, demo, size, steps, seed=0, output_type="pil")[0] for name, pipe in pipes.items()}
+    finally:
+        for name, pipe in pipes.items():
+            if name in caches:
+                caches[name].disable()
+            remove_SDTM(pipe)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    speedup = {name: seconds["unmerged"] / seconds[name] for name in STACKING_VARIANTS[1:]}
+    efficiency = stacking_efficiency(speedup)
+    reference = outputs["unmerged"]
+    change = {name: ((outputs[name] - reference).norm() / reference.norm()).item() for name in STACKING_VARIANTS[1:]}
+    print_fn("")
+    print_fn(f"{'':10}{'latency (median)':>18}{'speedup':>9}{'block calls computed':>22}{'steps all blocks':>18}"
+             f"{'change':>8}")
+    for name in STACKING_VARIANTS:
+        done = computed[name]
+        print_fn(f"{name:10}{seconds[name]:>16.3f} s{speedup.get(name, 1.0):>8.2f}x"
+                 f"{done['computed_block_calls']:>13}/{done['block_calls']:<8}{done['computed_steps']:>10}/"
+                 f"{done['steps']:<7}{change.get(name, 0.0):>8.3f}")
+    print_fn(f"stacking efficiency speedup(both) / (speedup(cache) x speedup(sdtm)): {efficiency:.3f}"
+             + (" (timing noise at this size; more --repeats steady it)" if abs(efficiency - 1) > 0.1 else ""))
+    png = None
+    if out is not None:
+        png = os.path.join(out, "sdtm_demo.png")
+        _plot_stacking(images, speedup, cache, png, demo.title)
+        print_fn(f"\nwrote {png}")
+    for report in computed.values():
+        report.pop("schedule")
+    return {"model": model, "cache": cache, "png": png, "seconds": seconds, "speedup": speedup,
+            "stacking_efficiency": efficiency, "schedule": schedule, "computed": computed,
+            "sdtm_records": records, "relative_change": change, "switch_step": switch_step}
+
+
+def _plot_stacking(images: dict, speedup: dict, cache: str, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.6))
+    for ax, (name, image) in zip(axes, images.items()):
+        ax.imshow(image)
+        label = {"cache": cache, "both": f"{cache} + SDTM", "sdtm": "SDTM"}.get(name, name)
+        ax.set_title(label + (f" ({speedup[name]:.2f}x)" if name in speedup else ""))
+        ax.axis("off")
+    fig.suptitle(f"{title} with random weights: the images show noise-like structure, not content")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot(baseline_image, sdtm_image, records, steps: int, speedup: float, mac_ratio: float, path: str,

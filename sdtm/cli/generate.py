@@ -25,7 +25,7 @@ One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, s
 ``OUT/manifest.json`` (strict JSON: no NaN or Infinity)::
 
     {"settings": {"model", "pipeline", "prompts", "steps", "height", "width", "guidance", "batch_size",
-                  "seed", "dtype", "device", "world_size", "sdtm": {...} or null},
+                  "seed", "dtype", "device", "world_size", "sdtm": {...} or null, "cache": name or null},
      "images": [{"index", "id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...],
      "other_images": [{"id", "prompt", "seed", "file", "seconds", "macs"[, "settings"]}, ...]}
 
@@ -40,7 +40,7 @@ float32 on purpose, such as T5's ``wo`` under float16).
 Resuming: a prompt whose PNG exists is skipped. The previous manifest's record for the same file name
 must name the same prompt text and seed, else the run stops before loading the model (use a new --out
 or delete those images); a PNG without a record is kept as it is. A kept record that was made with other
-image-changing settings (model, steps, height, width, guidance, dtype, sdtm) than this run carries them
+image-changing settings (model, steps, height, width, guidance, dtype, sdtm, cache) than this run carries them
 under ``settings`` (and a warning says so). ``other_images`` keeps the records of earlier PNGs in OUT
 that the current prompt list does not produce, so a later run can still check them. PNGs and the
 manifest are written to a temporary file in OUT and renamed, so an interrupted run leaves only finished
@@ -84,7 +84,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 _TEMP_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")
 # The seed is not listed: each record holds its image's own seed, which must match to keep the image.
-_SETTINGS_THAT_CHANGE_IMAGES = ("model", "steps", "height", "width", "guidance", "dtype", "sdtm")
+_SETTINGS_THAT_CHANGE_IMAGES = ("model", "steps", "height", "width", "guidance", "dtype", "sdtm", "cache")
 _RECORD_LISTS = ("images", "other_images")
 _QUOTED_PROMPT_LENGTH = 40
 
@@ -183,6 +183,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="model dtype (default float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    from .caches import CACHES
+
+    parser.add_argument("--cache", choices=CACHES, default="none",
+                        help="a step cache under SDTM (or alone with --no-sdtm) on a deterministic schedule computing "
+                             "about 70%% of the steps (sdtm.cli.caches): fbcache (diffusers' FirstBlockCache; Flux "
+                             "and PixArt), taylorseer (diffusers' TaylorSeerCache on the blocks), cache-dit (DBCache, "
+                             "the [cache] extra); recorded in the manifest (default none)")
     add_sdtm_options(parser, family_switch_step=True)
 
 
@@ -234,6 +241,7 @@ class Job:
     device: torch.device
     sdtm: SDTMConfig | None
     ranks: Ranks
+    cache: str | None = None  # a step cache of sdtm.cli.caches (None: none)
 
     @property
     def family(self) -> Family:
@@ -252,6 +260,7 @@ class Job:
             "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "world_size": self.ranks.world_size,
             "sdtm": dataclasses.asdict(self.sdtm) if self.sdtm is not None else None,
+            "cache": self.cache,
         }
 
     def image_settings(self) -> dict:
@@ -362,6 +371,14 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
         ops_for(sdtm.backend, device)  # raises ValueError if the backend cannot run on this device
         if sdtm.cuda_graphs and device.type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}.")
+    cache = None if getattr(args, "cache", "none") == "none" else args.cache
+    if cache is not None:
+        from .caches import check_cache
+
+        check_cache(cache, info.family.name)
+        if sdtm is not None and sdtm.cuda_graphs:
+            raise ValueError(f"--cuda-graphs cannot replay the blocks a step cache skips; drop --cuda-graphs or "
+                             f"--cache {cache}.")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     for option in ("model", "prompts", "out"):
         _check_utf8_path(option, getattr(args, option))
@@ -369,7 +386,7 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     job = Job(model=os.path.abspath(args.model), pipeline=info.pipeline,
               prompts_file=args.prompts and os.path.abspath(args.prompts), prompts=prompts, out=out,
               steps=args.steps, height=args.height, width=args.width, batch_size=args.batch_size, seed=args.seed,
-              guidance=guidance, dtype=dtype, device=device, sdtm=sdtm, ranks=ranks)
+              guidance=guidance, dtype=dtype, device=device, sdtm=sdtm, ranks=ranks, cache=cache)
     try:
         manifest_bytes(job, {})
     except ValueError as error:  # a backstop: the checks above should leave nothing unwritable
@@ -567,7 +584,8 @@ def resolve_device(requested: str | None, ranks: Ranks) -> torch.device:
 
 def load_pipeline(job: Job) -> Any:
     """The pipeline of ``job.model`` (class ``job.pipeline``, local files only) on ``job.device`` in
-    ``job.dtype``, with SDTM applied unless ``job.sdtm`` is None."""
+    ``job.dtype``, with SDTM applied unless ``job.sdtm`` is None and the step cache ``job.cache`` unless
+    None."""
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
@@ -593,6 +611,10 @@ def load_pipeline(job: Job) -> Any:
     pipe.set_progress_bar_config(disable=True)
     if job.sdtm is not None:
         apply_sdtm(pipe, job.sdtm)
+    if job.cache is not None:
+        from .caches import apply_cache
+
+        pipe._sdtm_step_cache = apply_cache(job.cache, pipe, job.steps)
     return pipe
 
 

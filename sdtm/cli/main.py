@@ -48,6 +48,10 @@ def _add_demo(commands) -> None:
     demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
     demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
     demo.add_argument("--out", default=".", help="folder for sdtm_demo.png (default: the current folder)")
+    _add_cache_option(demo, "a step cache stacked with SDTM (sdtm.cli.caches, a deterministic schedule computing "
+                            "about 70%% of the steps): four variants instead of two (unmerged, the cache alone, "
+                            "SDTM alone, both), with the block calls each computed and the stacking efficiency; "
+                            "fbcache: flux and pixart; cache-dit: the [cache] extra (default: none, no cache)")
 
 
 def _add_macs(commands) -> None:
@@ -67,14 +71,18 @@ def _add_macs(commands) -> None:
     add_sdtm_options(macs, with_disable=False, family_switch_step=True)
 
 
-# Options of `sdtm bench host` only: (flag, type, default, help).
+# Options of `sdtm bench host` (those of _STACKING_OPTIONS also of `sdtm bench e2e --cache`): (flag, type,
+# default, help).
 _HOST_OPTIONS = (
-    ("--steps", positive_int, 12, "denoising steps (default 12)"),
+    ("--steps", positive_int, 12, "denoising steps (host: default 12; e2e --cache: default 10)"),
     ("--switch-step", int, 5, "last structure-phase step (default 5: protected, structure and detail steps)"),
-    ("--layers", positive_int, 24, "joint blocks (default 24, SD3-medium)"),
-    ("--grid", positive_int, 16, "image token grid side (default 16: 16x16 tokens)"),
+    ("--layers", positive_int, 24, "joint blocks (host: default 24, SD3-medium; e2e --cache: the --model's "
+                                   "shrunk transformer's, Flux: double-stream blocks, plus twice as many "
+                                   "single-stream ones)"),
+    ("--grid", positive_int, 16, "image token grid side (host: default 16: 16x16 tokens; e2e --cache: default 32)"),
     ("--text-tokens", positive_int, 16, "text tokens (default 16)"),
-    ("--heads", positive_int, 1, "attention heads (default 1)"),
+    ("--heads", positive_int, 1, "attention heads (host: default 1; e2e --cache: the --model's shrunk "
+                                 "transformer's)"),
     ("--head-dim", positive_int, 16, "width of a head (default 16)"),
     ("--ratio", float, 0.3, "SDTM's ratio (default 0.3, as apply_SDTM)"),
     ("--deviation", float, 0.2, "SDTM's deviation (default 0.2, as apply_SDTM)"),
@@ -83,6 +91,15 @@ _HOST_OPTIONS = (
                                 "graphs, quickest to compile), aot_eager (plus AOT autograd's functionalisation "
                                 "and runtime wrappers), inductor, or none (eager variants only)"),
 )
+
+
+_STACKING_OPTIONS = ("--steps", "--grid", "--layers", "--heads")
+
+
+def _add_cache_option(parser, help_text: str) -> None:
+    from .caches import CACHES
+
+    parser.add_argument("--cache", choices=CACHES, default=None, help=help_text)
 
 
 def _add_bench(commands) -> None:
@@ -110,7 +127,14 @@ def _add_bench(commands) -> None:
                             "default torch and cpp on the CPU, and triton where a CUDA device is)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write a bar chart of the speedups to this PNG")
-    host = bench.add_argument_group("host only")
+    _add_cache_option(bench, "e2e only: a step cache stacked with SDTM instead of the backend comparison: four "
+                             "variants in interleaved rounds (unmerged, the cache alone, SDTM alone, both) on a "
+                             "deterministic cache schedule (about 70%% of the steps computed), with the steps and "
+                             "blocks each computed and the stacking efficiency speedup(both) / (speedup(cache) x "
+                             "speedup(sdtm)); fbcache: flux and pixart; cache-dit: the [cache] extra; none: the "
+                             "control (no cache). 32x32 tokens, 10 steps by default (--grid, --steps, --layers, "
+                             "--heads); one SDTM backend (--backends, default cpp when built, else torch)")
+    host = bench.add_argument_group("host (and e2e --cache) options")
     for flag, kind, default, text in _HOST_OPTIONS:
         host.add_argument(flag, type=kind, default=None, help=text)
 
@@ -176,13 +200,16 @@ def _check_demo_args(args) -> None:
     """Raise a ValueError before any work when the demo's options cannot run: an image side the family's
     pipeline refuses (PixArt: not a multiple of 8) or larger than the tiny model's positional table
     (SD3), an output folder that is missing or read-only, a backend that does not run on the CPU (where
-    the demo runs)."""
+    the demo runs), a step cache that does not run on the model or is not installed."""
     import torch
 
+    from .caches import check_cache
     from .demo import check_demo_size
     from ..core.ops import ops_for
 
     check_demo_size(args.model, args.size)
+    if args.cache is not None:
+        check_cache(args.cache, args.model)
     if not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is not a folder.")
     if not os.access(args.out, os.W_OK):
@@ -205,17 +232,26 @@ def _run_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(size=args.size, steps=args.steps, repeats=args.repeats, backend=args.backend, out=args.out,
-             model=args.model)
+             model=args.model, cache=args.cache or "none")
     return 0
 
 
 def _host_setting(args):
     """The HostSetting and compile backend of `sdtm bench host`'s options; ValueError for options of host
-    given to another benchmark, or for values that cannot run."""
+    given to another benchmark (but those `e2e --cache` takes), or for values that cannot run."""
     given = [flag for flag, *_ in _HOST_OPTIONS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if args.cache is not None and args.what != "e2e":
+        raise ValueError(f"--cache: an option of `sdtm bench e2e` only, not of `sdtm bench {args.what}`.")
     if args.what != "host":
+        if args.what == "e2e" and args.cache is not None:
+            others = [flag for flag in given if flag not in _STACKING_OPTIONS]
+            if others:
+                raise ValueError(f"{', '.join(others)}: options of `sdtm bench host` only.")
+            return None, None
         if given:
-            raise ValueError(f"{', '.join(given)}: options of `sdtm bench host` only.")
+            which = " (--steps, --grid, --layers and --heads also of `sdtm bench e2e --cache`)" if any(
+                flag in _STACKING_OPTIONS for flag in given) else ""
+            raise ValueError(f"{', '.join(given)}: options of `sdtm bench host` only{which}.")
         return None, None
     values = {flag[2:].replace("-", "_"): default for flag, _, default, _ in _HOST_OPTIONS}
     values.update({k: v for k, v in vars(args).items() if k in values and v is not None})
@@ -275,6 +311,8 @@ def _run_bench(args) -> int:
                 "norm2 + modulation + gates + residual adds; added by SDTM at ratio 0.5 (plan, merges, unmerges):"]
         text += [f"  {r.backend:8}{r.phase:5}{r.added_seconds * 1e3:>9.1f} ms  {r.share:.2%} of the block "
                  f"({r.net_share:.2%} net of the block work the fused ops replace)" for r in shares]
+    elif args.cache is not None:
+        result, labels, values, text = _run_stacking_bench(args, requested, info)
     else:
         backends = requested or ["torch", "cpp"]
         result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json,
@@ -295,6 +333,7 @@ def _run_bench(args) -> int:
     if args.plot:
         title = ("sdtm bench block: % of the block's time added" if args.what == "block"
                  else "sdtm bench host: host time per step, SDTM / unmerged" if args.what == "host"
+                 else f"sdtm bench e2e --cache {args.cache}: speedup over unmerged" if args.cache is not None
                  else f"sdtm bench {args.what}: speedup over torch/unmerged")
         ylabel = {"block": "% of the block's time", "host": "host time ratio"}.get(args.what, "speedup")
         _write_plot(lambda path: _bar_plot(labels, values, path, title, ylabel), args.plot)
@@ -305,6 +344,48 @@ def _run_bench(args) -> int:
               f"GPU {info['cuda'] or 'none'}")
         print("\n".join(text))
     return 0
+
+
+def _run_stacking_bench(args, requested, info):
+    """`sdtm bench e2e --cache NAME`: the four variants (sdtm.cli.bench.bench_stacking); the result, the
+    plot's labels and values, and the text lines."""
+    from ..core.ops import cpp_unavailable_reason
+    from .bench import bench_stacking
+
+    if requested is not None and len(requested) != 1:
+        raise ValueError("--cache times one SDTM backend: give one --backends value (default cpp when built, "
+                         "else torch).")
+    backend = requested[0] if requested else ("cpp" if cpp_unavailable_reason() is None else "torch")
+    options = {key: getattr(args, key) for key in ("steps", "grid") if getattr(args, key) is not None}
+    result = {"machine": info, **bench_stacking(
+        args.cache, backend, rounds=args.rounds, progress=not args.json, model=args.model or "sd3",
+        num_layers=args.layers, heads=args.heads, **options)}
+    return result, ["cache", "sdtm", "both"], [result["speedup"][v] for v in ("cache", "sdtm", "both")], \
+        stacking_lines(result)
+
+
+def stacking_lines(result: dict) -> list[str]:
+    """The text report of a stacking benchmark (``sdtm.cli.bench.bench_stacking``'s result)."""
+    shape, schedule = result["transformer"], result["schedule"]
+    grid = shape["grid"]
+    lines = [f"{shape['title']} (C={shape['channels']}, {shape['blocks']} blocks), {grid[0]}x{grid[1]} tokens + "
+             f"{shape['text_tokens']} text tokens, batch {shape['batch']}, {shape['steps']} steps, switch step "
+             f"{shape['switch_step']}; SDTM defaults, backend {result['backend']}; {result['rounds']} rounds",
+             f"cache {result['cache']}: {schedule['description']}; {schedule['computed_steps']} of "
+             f"{schedule['steps']} steps computed",
+             f"  {'variant':10}{'median s':>10}{'speedup':>9}{'block calls computed':>22}{'steps all blocks':>18}"
+             f"  SDTM records merged/protected/unchanged/skipped"]
+    for name in ("unmerged", "cache", "sdtm", "both"):
+        done = result["computed"][name]
+        records = (result["sdtm_records"] or {}).get(name)
+        counts = "/".join(str(records[m]) for m in ("merged", "protected", "unchanged", "skipped")) if records else "-"
+        speedup = f"{result['speedup'][name]:.3f}" if name in result["speedup"] else "1"
+        lines.append(f"  {name:10}{result['seconds'][name]:>10.3f}{speedup:>9}"
+                     f"{done['computed_block_calls']:>13}/{done['block_calls']:<8}"
+                     f"{done['computed_steps']:>10}/{done['steps']:<7}  {counts}")
+    lines.append(f"stacking efficiency speedup(both) / (speedup(cache) x speedup(sdtm)): "
+                 f"{result['stacking_efficiency']:.3f}")
+    return lines
 
 
 def _bar_plot(labels, values, path: str, title: str, ylabel: str = "speedup") -> None:
