@@ -4,6 +4,8 @@
     python benchmarks/gpu_check.py --model flux-dev      # FLUX.1-dev shapes, bf16, 1024x1024, 28 steps
     python benchmarks/gpu_check.py --model pixart-sigma  # PixArt-Sigma-XL-2-1024 shapes, fp16, 1024x1024, 20 steps
     python benchmarks/gpu_check.py --device cpu --tiny   # smoke run: a 2-block model of the family, a few steps
+    python benchmarks/gpu_check.py --cache cache-dit     # a step cache stacked with SDTM (four variants, below)
+    python benchmarks/gpu_check.py --model flux-dev --cache taylorseer   # or fbcache
     bash benchmarks/gpu_check.sh [--model ...]           # wheels, the GPU tests, then this script
 
 The transformer of ``--model`` with random weights runs a plain denoising loop over random latents and
@@ -26,6 +28,22 @@ steps); the JSON's ``model`` says which model ran. Variants:
     sdtm_fast               the same on the fast path
     sdtm_aggressive_eager   SDTM with ratio=0.5, deviation=0.0
     sdtm_aggressive_fast    the same on the fast path
+
+With ``--cache NAME`` (cache-dit, taylorseer or fbcache; sdtm.cli.caches: a deterministic schedule computing
+about 70% of the steps) the variants are four, all eager (CUDA graphs cannot replay the blocks a cache
+skips)::
+
+    unmerged_eager          no SDTM, no cache
+    cache_eager             the step cache alone
+    sdtm_eager              SDTM alone
+    both_eager              the step cache and SDTM
+
+and the JSON adds ``cache``, ``stacking_efficiency`` (speedup(both) / (speedup(cache) x speedup(sdtm)), each
+speedup over unmerged_eager) and ``stacking``: the cache's schedule, what each variant computed in its last
+generation (block calls computed out of all, the steps at which every block was computed: counted by a
+forward pre-hook on a sub-module every real block forward calls) and SDTM's records by mode. The file is
+gpu-<date>[-<model>]-<cache>-<device>.json. cache-dit comes from .whl/ on the bare GPU image
+(gpu_check.sh).
 
 The fast path is CUDA-graph replay (sdtm.core.graphs: one graph captured per distinct transformer call,
 replayed after), or torch.compile of the transformer's blocks (--fast compile, and the fallback when
@@ -82,6 +100,9 @@ VARIANTS = ("unmerged_eager", "unmerged_fast", "sdtm_eager", "sdtm_fast", "sdtm_
 PRIORITY = ("unmerged_eager", "sdtm_eager", "unmerged_fast", "sdtm_fast", "sdtm_aggressive_eager",
             "sdtm_aggressive_fast")
 ALWAYS_RUN = ("unmerged_eager", "sdtm_eager")
+# --cache: the step cache stacked with SDTM, eager (see the description); every one of them always runs.
+CACHE_VARIANTS = ("unmerged_eager", "cache_eager", "sdtm_eager", "both_eager")
+CACHES = ("cache-dit", "taylorseer", "fbcache")
 AGGRESSIVE = dict(ratio=0.5, deviation=0.0)
 PHASES = ("protected", "structure", "detail")
 # Per --model: the family (sdtm.models), the transformer's config, the defaults of a CUDA run, text tokens
@@ -144,6 +165,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "every matmul and does not fit the budget); inductor's default")
     sdtm.add_argument("--skip-aggressive", action="store_true",
                       help="leave out the ratio=0.5, deviation=0.0 variants (their keys hold null)")
+    sdtm.add_argument("--cache", choices=CACHES, default=None,
+                      help="time a step cache stacked with SDTM instead: unmerged, the cache alone, SDTM alone and "
+                           "both, eager, on the cache's deterministic schedule (about 70%% of the steps computed), "
+                           "with the steps and blocks each computed and the stacking efficiency; fbcache: flux-dev "
+                           "only (diffusers' FirstBlockCache cannot take SD3's last block)")
     timing = parser.add_argument_group("timing and budget")
     timing.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds; 3 (1 with --tiny)")
     timing.add_argument("--budget", type=float, default=330.0,
@@ -169,6 +195,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be positive, got {value}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
+    if args.cache == "fbcache" and MODELS[args.model]["family"] != "flux":
+        parser.error(f"--cache fbcache runs on flux-dev only here (diffusers' FirstBlockCache subtracts the last "
+                     f"block's text output, which SD3's last block returns as None); use cache-dit or taylorseer "
+                     f"with --model {args.model}")
     if args.size is not None and args.size % 16:
         parser.error(f"--size must be a multiple of 16 (8x VAE factor, patch 2 or Flux's 2x2 packing), "
                      f"got {args.size}")
@@ -479,17 +509,22 @@ class FastPath:
 
 
 class Variant:
-    def __init__(self, name: str, sdtm_config, fast: bool):
-        self.name, self.sdtm_config, self.fast = name, sdtm_config, fast
+    def __init__(self, name: str, sdtm_config, fast: bool, cache: str | None = None):
+        self.name, self.sdtm_config, self.fast, self.cache = name, sdtm_config, fast, cache
         self.transformer = None
         self.generation = None
         self.how = None
+        self.step_cache = None  # sdtm.cli.caches.StepCache (--cache: the cache, or "none" to count the blocks)
 
     def setup(self, base, args, fast_path: FastPath) -> None:
         from sdtm import apply_sdtm
 
         self.transformer = base if self.name == "unmerged_eager" else shared_copy(base)
         self.generation = make_generation(self.transformer, args)
+        if self.cache is not None:
+            from sdtm.cli.caches import apply_cache
+
+            self.step_cache = apply_cache(self.cache, self.transformer, args.steps, self.generation.scheduler)
         config = self.sdtm_config
         if self.fast:
             self.how = fast_path.prepare(self.transformer, config)
@@ -518,8 +553,15 @@ def resolved(args, config):
     return next(a for a in ADAPTERS if a.name == family).resolve_config(config, args.steps)
 
 
+def variant_names(args) -> tuple[str, ...]:
+    return CACHE_VARIANTS if args.cache else VARIANTS
+
+
 def variants(args) -> list[Variant]:
     default = default_config(args)
+    if args.cache:
+        return [Variant("unmerged_eager", None, False, "none"), Variant("cache_eager", None, False, args.cache),
+                Variant("sdtm_eager", default, False, "none"), Variant("both_eager", default, False, args.cache)]
     aggressive = default.replace(**AGGRESSIVE)
     specs = {"unmerged_eager": (None, False), "unmerged_fast": (None, True), "sdtm_eager": (default, False),
              "sdtm_fast": (default, True), "sdtm_aggressive_eager": (aggressive, False),
@@ -633,13 +675,26 @@ def summarise(data: dict) -> str:
             return format(value, spec)
         return "-".rjust(int(re.match(r"\d*", spec).group() or 0))
 
-    for name in VARIANTS:
+    for name in data.get("variants") or VARIANTS:
         p = phase.get(name) or {}
         gib = mem.get(name) / 2**30 if isinstance(mem.get(name), (int, float)) else None
         lines.append(f"{name:24}{fmt(s.get(name), '10.3f')}{fmt(sp.get(name), '9.3f')}"
                      f"{fmt(rs.get(name), '9.1%')}{fmt(first.get(name), '9.2f')}"
                      f"{fmt(p.get('protected'), '9.2f')}{fmt(p.get('structure'), '10.2f')}"
                      f"{fmt(p.get('detail'), '10.2f')}{fmt(gib, '9.2f')}")
+    stacking = data.get("stacking") or {}
+    if stacking:
+        schedule = stacking.get("schedule") or {}
+        lines.append(f"cache {data.get('cache')}: {schedule.get('description')}; {schedule.get('computed_steps')} of "
+                     f"{schedule.get('steps')} steps computed")
+        for name, done in (stacking.get("computed") or {}).items():
+            records = (stacking.get("sdtm_records") or {}).get(name)
+            lines.append(f"  {name:22}block calls computed {done['computed_block_calls']}/{done['block_calls']}, "
+                         f"steps with every block {done['computed_steps']}/{done['steps']}"
+                         + (f", SDTM records {records}" if records else ""))
+        efficiency = data.get("stacking_efficiency")
+        lines.append("stacking efficiency speedup(both) / (speedup(cache) x speedup(sdtm)): "
+                     + (f"{efficiency:.3f}" if isinstance(efficiency, (int, float)) else "-"))
     tests = data.get("tests") or {}
     if tests.get("exit_code") is not None:
         lines.append(f"tests: exit {tests['exit_code']}, {tests.get('summary')}")
@@ -667,7 +722,15 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     spec = MODELS[args.model]
     default = resolved(args, default_config(args))
     phases = step_phases(args.steps, default)
-    empty = {v: None for v in VARIANTS}
+    names = variant_names(args)
+    empty = {v: None for v in names}
+    if args.cache == "cache-dit":
+        try:
+            from sdtm.cli.caches import import_cache_dit
+
+            info["cache_dit"] = getattr(import_cache_dit(), "__version__", None)
+        except Exception as error:  # the cache variants record the error
+            info["cache_dit"], info["cache_dit_error"] = None, f"{type(error).__name__}: {error}"
     data.update({
         "model": args.model, "device": name, "torch": info["torch"], "triton": info.get("triton"), "versions": info,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -678,7 +741,8 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
                      "switch_step": default.switch_step,
                      "rounds": None, "rounds_requested": args.rounds, "backend": args.backend,
                      "fast": args.fast, "seed": args.seed, "budget_seconds": args.budget,
-                     "aggressive": AGGRESSIVE, "skip_aggressive": args.skip_aggressive},
+                     "aggressive": AGGRESSIVE, "skip_aggressive": args.skip_aggressive, "cache": args.cache},
+        "variants": list(names), "cache": args.cache,
         "tests": {"exit_code": args.tests_exit_code, "summary": args.tests_summary,
                   "seconds": args.tests_seconds},
         "mac_ratio": None, "mac_ratio_aggressive": None,
@@ -689,13 +753,17 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         "stages_seconds": elapsed.stages,
         "shell_seconds": {"install": args.install_seconds, "tests": args.tests_seconds},
     })
-    if fast_path.note:
+    if args.cache:
+        data.update({"fast_path": "none", "fast_path_note": None, "stacking_efficiency": None, "stacking": {},
+                     "fast_path_detail": "eager only: CUDA graphs cannot replay the blocks a step cache skips"})
+    elif fast_path.note:
         print(f"note: {fast_path.note}; the fast path is torch.compile", flush=True)
     print(f"{args.model}: {name}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
-          f"fast path {fast_path.kind} ({fast_path.detail})", flush=True)
+          f"fast path {data['fast_path']} ({data['fast_path_detail']})"
+          + (f", cache {args.cache}" if args.cache else ""), flush=True)
     if cuda and not args.tiny:
         per_gen = spec["h100_step_seconds"] * args.steps * (args.size / 1024) ** 2 * args.batch / spec["batch"]
-        count = 6 - 2 * args.skip_aggressive
+        count = 4 if args.cache else 6 - 2 * args.skip_aggressive
         # A warm-up is about 1.5 generations (graph capture, Triton compilation), then one instrumented
         # generation and the rounds; SDTM's eager generations are assumed no faster than unmerged ones.
         print(f"expected on an H100: about {30 + count * per_gen * (2.5 + args.rounds):.0f} s in all "
@@ -718,13 +786,13 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         data["macs"][key] = {"baseline_macs": counted.baseline_macs, "sdtm_macs": counted.sdtm_macs}
         print(f"  {key} {counted.mac_ratio:.3f} ({counted.baseline_macs / 1e9:.1f} -> "
               f"{counted.sdtm_macs / 1e9:.1f} GMACs)", flush=True)
-    mac_for = {"sdtm_eager": data["mac_ratio"], "sdtm_fast": data["mac_ratio"],
+    mac_for = {"sdtm_eager": data["mac_ratio"], "sdtm_fast": data["mac_ratio"], "both_eager": None, "cache_eager": None,
                "sdtm_aggressive_eager": data["mac_ratio_aggressive"],
                "sdtm_aggressive_fast": data["mac_ratio_aggressive"]}
     report.write("running")
 
     runs = variants(args)
-    for v in VARIANTS:
+    for v in names:
         if v not in {r.name for r in runs}:
             data["skipped"][v] = "--skip-aggressive"
     clock.sync()
@@ -738,7 +806,8 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     elapsed.begin("warm-up: the first generation of each variant")
     ready: list[Variant] = []
     for variant in runs:
-        if variant.name not in ALWAYS_RUN and args.budget and Elapsed.total() > WARMUP_SHARE * args.budget:
+        always = names if args.cache else ALWAYS_RUN
+        if variant.name not in always and args.budget and Elapsed.total() > WARMUP_SHARE * args.budget:
             data["skipped"][variant.name] = (f"budget: {Elapsed.total():.0f} s of {args.budget:.0f} s spent "
                                              "before its warm-up")
             print(f"  skipping {variant.name}: {data['skipped'][variant.name]}", flush=True)
@@ -805,7 +874,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         check = {"finite": bool(torch.isfinite(out).all())}
         if name.endswith("_fast") and name.replace("_fast", "_eager") in outputs:
             check["relative_difference_vs_eager"] = relative_difference(out, outputs[name.replace("_fast", "_eager")])
-        if name.startswith("sdtm") and "unmerged_eager" in outputs:
+        if name != "unmerged_eager" and not name.startswith("unmerged") and "unmerged_eager" in outputs:
             check["relative_difference_vs_unmerged"] = relative_difference(out, outputs["unmerged_eager"])
         data["output_check"][name] = check
     outputs.clear()
@@ -837,6 +906,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
             if v:
                 data["seconds"][k] = statistics.median(v)
         fill_ratios(data, mac_for)
+        fill_stacking(data, ready)
         report.write("running")
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items() if v),
               flush=True)
@@ -845,6 +915,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         for variant in ready:
             data["seconds"][variant.name] = generation_seconds[variant.name]
         fill_ratios(data, mac_for)
+        fill_stacking(data, ready)
     else:
         data["seconds_source"] = f"median of {rounds} interleaved rounds"
     for variant in ready:
@@ -854,8 +925,37 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     elapsed.end()
 
 
+def fill_stacking(data: dict, ready: list) -> None:
+    """--cache: the cache's schedule, what each variant computed in its last generation and SDTM's records."""
+    if not data.get("cache"):
+        return
+    from sdtm.cli.caches import sdtm_record_counts
+
+    computed, schedule = {}, None
+    for variant in ready:
+        if variant.step_cache is None:
+            continue
+        done = variant.step_cache.report()
+        if variant.name == "cache_eager":
+            schedule = done["schedule"]
+        computed[variant.name] = {k: v for k, v in done.items() if k != "schedule"}
+    data["stacking"] = {
+        "schedule": schedule, "computed": computed,
+        "sdtm_records": {v.name: sdtm_record_counts(v.transformer) for v in ready if v.sdtm_config is not None},
+    }
+
+
 def fill_ratios(data: dict, mac_for: dict) -> None:
     s = data["seconds"]
+    if data.get("cache"):  # the four stacking variants, each over unmerged_eager
+        speedup = {name: ratio(s.get("unmerged_eager"), s.get(name)) for name in CACHE_VARIANTS[1:]}
+        data["speedup"] = speedup
+        data["realised_share"] = {"sdtm_eager": ratio(speedup["sdtm_eager"], mac_for["sdtm_eager"])}
+        product = (speedup["cache_eager"] * speedup["sdtm_eager"]
+                   if speedup["cache_eager"] is not None and speedup["sdtm_eager"] is not None else None)
+        data["stacking_efficiency"] = ratio(speedup["both_eager"], product)
+        data["fast_path_gain"] = {}
+        return
     speedup = {}
     for name in ("sdtm_eager", "sdtm_fast", "sdtm_aggressive_eager", "sdtm_aggressive_fast"):
         reference = "unmerged_fast" if name.endswith("_fast") else "unmerged_eager"
@@ -872,13 +972,14 @@ def fill_ratios(data: dict, mac_for: dict) -> None:
 
 def output_path(args) -> Path:
     """--json, or gpu-<date>-<device>.json in --out-dir (gpu-<date>-<model>-<device>.json for a model
-    other than sd3-medium), after ``resolve``."""
+    other than sd3-medium; gpu-<date>[-<model>]-<cache>-<device>.json with --cache), after ``resolve``."""
     if args.json:
         return Path(args.json)
     name = device_name(args.device) if args.device.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     model = "" if args.model == "sd3-medium" else f"{args.model}-"
-    return Path(args.out_dir) / f"gpu-{date}-{model}{slug(name)}.json"
+    cache = f"{args.cache}-" if args.cache else ""
+    return Path(args.out_dir) / f"gpu-{date}-{model}{cache}{slug(name)}.json"
 
 
 def main(argv=None) -> int:

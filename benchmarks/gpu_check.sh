@@ -3,21 +3,27 @@
 #
 #     bash benchmarks/gpu_check.sh [options of gpu_check.py]
 #     bash benchmarks/gpu_check.sh --model flux-dev      # or pixart-sigma; sd3-medium by default
+#     bash benchmarks/gpu_check.sh --cache cache-dit     # a step cache stacked with SDTM: four variants
+#     bash benchmarks/gpu_check.sh --model flux-dev --cache taylorseer   # (or fbcache, cache-dit)
 #
 #   a. installs the wheels in .whl/ (diffusers and what the machine lacks of its needs) into /tmp/site,
 #      offline, when there are any; the repository root goes on PYTHONPATH (sdtm runs from the source,
 #      with the Triton backend on CUDA; its C++ extension is not needed);
 #   b. runs the GPU tests (tests/test_triton_ops.py, the CUDA tests of tests/test_graphs.py), capped at
-#      GPU_CHECK_TEST_TIMEOUT seconds (180); a failure does not stop the check;
+#      GPU_CHECK_TEST_TIMEOUT seconds (180); a failure does not stop the check; GPU_CHECK_TESTS=0 skips them
+#      (a second run of the check on the same machine, say);
 #   c. runs benchmarks/gpu_check.py with what is left of GPU_CHECK_BUDGET seconds (420 in all) and the
 #      options given here (--model, --steps, ...), which writes benchmarks/results/gpu-<date>-<device>.json
 #      (gpu-<date>-<model>-<device>.json for flux-dev and pixart-sigma) with the tests' exit code and
 #      summary in it.
 #
 # With OUT set, the JSON and the logs of b and c are copied into $OUT. The exit code is gpu_check.py's.
-# .whl/ is filled beforehand on a machine with pip and a network (the image has diffusers' other needs):
+# .whl/ is filled beforehand on a machine with pip and a network (the image has diffusers' other needs;
+# cache-dit, for --cache cache-dit, needs pyyaml and packaging besides diffusers and torch):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0
+#         --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 \
+#         cache-dit==1.5.3 pyyaml==6.0.4 packaging==26.4
+# .whl/ is neither ignored nor committed: the device machine gets the working tree's untracked files.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -57,6 +63,8 @@ fi
 INSTALL_SECONDS=$(($(date +%s) - T0))
 "$PYTHON" -c 'import diffusers; print("diffusers", diffusers.__version__, "from", diffusers.__file__)' \
     || echo "WARNING: diffusers cannot be imported"
+CACHE_DIT_LOG_LEVEL=error "$PYTHON" -c 'import cache_dit; print("cache-dit", cache_dit.__version__)' 2>/dev/null \
+    || echo "cache-dit cannot be imported (needed by --cache cache-dit only)"
 echo "a. took ${INSTALL_SECONDS} s"
 
 stage "b. GPU tests (at most ${TEST_TIMEOUT} s)"
@@ -71,7 +79,10 @@ TEST_LOG=$LOGS/gpu_check_pytest.log
 PARALLEL=()
 "$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 4)
 # Every test of test_triton_ops.py runs on the GPU when CUDA is present; of test_graphs.py only the CUDA one.
-if [ ${#TEST_FILES[@]} -gt 0 ]; then
+if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
+    TEST_RC=5
+    SUMMARY="skipped (GPU_CHECK_TESTS=0)"
+elif [ ${#TEST_FILES[@]} -gt 0 ]; then
     timeout -k 15 "$TEST_TIMEOUT" "$PYTHON" -m pytest "${TEST_FILES[@]}" -q -p no:cacheprovider \
         -k "cuda or triton or gpu" --maxfail=10 ${PARALLEL[@]+"${PARALLEL[@]}"} 2>&1 | tee "$TEST_LOG"
     TEST_RC=${PIPESTATUS[0]}

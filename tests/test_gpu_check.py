@@ -137,6 +137,51 @@ def test_smoke_run_of_each_model(tmp_path, model, batch, text_tokens):
         assert data["output_check"][name]["relative_difference_vs_eager"] < 1e-5
 
 
+CACHE_VARIANTS = ("unmerged_eager", "cache_eager", "sdtm_eager", "both_eager")
+
+
+@pytest.mark.parametrize("model, cache, batch, blocks", [("sd3-medium", "cache-dit", 2, 2), ("flux-dev", "taylorseer", 1, 3)])
+def test_smoke_run_of_the_cache_variant(tmp_path, model, cache, batch, blocks):
+    """--cache: the four eager variants (unmerged, the cache alone, SDTM alone, both) on the cache's steps mask,
+    what each computed, SDTM's records and the stacking efficiency in the JSON."""
+    data = _run(tmp_path, "--model", model, "--cache", cache, "--steps", "5")
+    assert data["status"] == "complete" and data["errors"] == {} and data["skipped"] == {}
+    assert data["model"] == model and data["cache"] == cache and data["settings"]["batch"] == batch
+    assert cache in next((tmp_path / "results").glob("*.json")).name
+    assert data["variants"] == list(CACHE_VARIANTS) and data["fast_path"] == "none"
+    for name in CACHE_VARIANTS:
+        assert _is_number(data["seconds"][name]) and data["seconds"][name] > 0
+        assert len(data["per_step_ms"][name]) == 5 and data["output_check"][name]["finite"] is True
+    speedup = data["speedup"]
+    assert set(speedup) == set(CACHE_VARIANTS[1:]) and all(_is_number(v) for v in speedup.values())
+    assert data["stacking_efficiency"] == pytest.approx(
+        speedup["both_eager"] / (speedup["cache_eager"] * speedup["sdtm_eager"]))
+    stacking = data["stacking"]
+    assert stacking["schedule"]["mask"] == [1, 1, 1, 0, 1]
+    computed = stacking["computed"]
+    assert set(computed) == set(CACHE_VARIANTS)
+    for name in CACHE_VARIANTS:
+        assert computed[name]["block_calls"] == 5 * blocks and computed[name]["blocks"] == blocks
+    for name in ("unmerged_eager", "sdtm_eager"):
+        assert computed[name]["computed_block_calls"] == 5 * blocks and computed[name]["computed_steps"] == 5
+    for name in ("cache_eager", "both_eager"):
+        assert computed[name]["steps_all_blocks_computed"] == [0, 1, 2, 4]
+        assert computed[name]["computed_block_calls"] < 5 * blocks
+    records = stacking["sdtm_records"]
+    assert set(records) == {"sdtm_eager", "both_eager"} and records["sdtm_eager"]["skipped"] == 0
+    assert records["both_eager"]["skipped"] == 5 * blocks - computed["both_eager"]["computed_block_calls"]
+    for name in CACHE_VARIANTS[1:]:
+        assert _is_number(data["output_check"][name]["relative_difference_vs_unmerged"])
+
+
+def test_fbcache_is_refused_for_sd3_medium(capsys):
+    gpu_check = _gpu_check_module()
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(["--cache", "fbcache"])
+    assert exit_info.value.code == 2 and "flux-dev only" in capsys.readouterr().err
+    assert gpu_check.parse_args(["--model", "flux-dev", "--cache", "fbcache"]).cache == "fbcache"
+
+
 def test_model_configs_build_the_released_shapes():
     """FLUX.1-dev's and PixArt-Sigma-XL-2-1024-MS's transformers, built on the meta device: their sizes."""
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
@@ -169,7 +214,7 @@ def test_help_needs_neither_diffusers_nor_a_gpu():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for option in ("--fast", "--rounds", "--steps", "--size", "--skip-aggressive", "--tiny", "--budget", "--model",
-                   "flux-dev", "pixart-sigma"):
+                   "flux-dev", "pixart-sigma", "--cache", "cache-dit", "taylorseer"):
         assert option in done.stdout
 
 
