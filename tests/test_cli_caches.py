@@ -164,21 +164,26 @@ def test_missing_cache_dit_names_the_extra(monkeypatch, capsys):
         assert err == f"sdtm {argv[0]}: {CACHE_DIT_MISSING}\n"
 
 
-TINY_BENCH = ["--rounds", "2", "--steps", "4", "--grid", "12", "--layers", "1", "--heads", "1", "--backends", "torch"]
+TINY_BENCH = ["--rounds", "2", "--steps", "4", "--grid", "12", "--layers", "1", "--heads", "1", "--threads", "1",
+              "--backends", "torch"]
 
 
 @pytest.mark.parametrize("model, name, layers", [("sd3", "cache-dit", "2"), ("flux", "taylorseer", "1")])
 def test_bench_e2e_cache_reports_four_variants(capsys, model, name, layers):
     argv = ["bench", "e2e", "--model", model, "--cache", name, "--json", *TINY_BENCH]
     argv[argv.index("--layers") + 1] = layers
+    threads = torch.get_num_threads()
     assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # --threads holds while timing only
     result = json.loads(capsys.readouterr().out)
+    assert result["machine"]["torch_threads"] == 1
     variants = ["unmerged", "cache", "sdtm", "both"]
     assert list(result["seconds"]) == variants and all(result["seconds"][v] > 0 for v in variants)
     assert all(len(result["round_seconds"][v]) == 2 for v in variants)
     assert set(result["speedup"]) == {"cache", "sdtm", "both"}
     assert result["stacking_efficiency"] == pytest.approx(
         result["speedup"]["both"] / (result["speedup"]["cache"] * result["speedup"]["sdtm"]))
+    assert len(result["stacking_efficiency_per_round"]) == 2
     assert result["cache"] == name and result["model"] == model and result["backend"] == "torch"
     assert result["schedule"]["mask"] == steps_mask(4) == [1, 1, 0, 1]
     computed = result["computed"]

@@ -474,6 +474,9 @@ def bench_stacking(cache: str, backend: str = "cpp", rounds: int = 3, steps: int
                 caches[name].disable()
             remove_sdtm(transformer)
     speedup = {name: seconds["unmerged"] / seconds[name] for name in STACKING_VARIANTS[1:]}
+    # The same figure from each round's own times: how much the rounds scatter.
+    per_round = [stacking_efficiency({name: samples["unmerged"][r] / samples[name][r] for name in STACKING_VARIANTS[1:]})
+                 for r in range(rounds)]
     reference = outputs["unmerged"]
     schedule = computed["cache"].pop("schedule")
     for report in computed.values():
@@ -490,6 +493,7 @@ def bench_stacking(cache: str, backend: str = "cpp", rounds: int = 3, steps: int
         "round_seconds": samples,
         "speedup": speedup,
         "stacking_efficiency": stacking_efficiency(speedup),
+        "stacking_efficiency_per_round": per_round,
         "computed": computed,
         "sdtm_records": records,
         "relative_change": {name: ((outputs[name] - reference).norm() / reference.norm()).item()

@@ -86,14 +86,15 @@ _HOST_OPTIONS = (
     ("--head-dim", positive_int, 16, "width of a head (default 16)"),
     ("--ratio", float, 0.3, "SDTM's ratio (default 0.3, as apply_SDTM)"),
     ("--deviation", float, 0.2, "SDTM's deviation (default 0.2, as apply_SDTM)"),
-    ("--threads", positive_int, 1, "torch CPU threads while timing (default 1)"),
+    ("--threads", positive_int, 1, "torch CPU threads while timing (host: default 1; e2e --cache: default "
+                                   "torch's)"),
     ("--compile", str, "eager", "torch.compile backend of the compiled variants: eager (default: dynamo's "
                                 "graphs, quickest to compile), aot_eager (plus AOT autograd's functionalisation "
                                 "and runtime wrappers), inductor, or none (eager variants only)"),
 )
 
 
-_STACKING_OPTIONS = ("--steps", "--grid", "--layers", "--heads")
+_STACKING_OPTIONS = ("--steps", "--grid", "--layers", "--heads", "--threads")
 
 
 def _add_cache_option(parser, help_text: str) -> None:
@@ -133,7 +134,7 @@ def _add_bench(commands) -> None:
                              "blocks each computed and the stacking efficiency speedup(both) / (speedup(cache) x "
                              "speedup(sdtm)); fbcache: flux and pixart; cache-dit: the [cache] extra; none: the "
                              "control (no cache). 32x32 tokens, 10 steps by default (--grid, --steps, --layers, "
-                             "--heads); one SDTM backend (--backends, default cpp when built, else torch)")
+                             "--heads, --threads); one SDTM backend (--backends, default cpp when built, else torch)")
     host = bench.add_argument_group("host (and e2e --cache) options")
     for flag, kind, default, text in _HOST_OPTIONS:
         host.add_argument(flag, type=kind, default=None, help=text)
@@ -249,7 +250,7 @@ def _host_setting(args):
                 raise ValueError(f"{', '.join(others)}: options of `sdtm bench host` only.")
             return None, None
         if given:
-            which = " (--steps, --grid, --layers and --heads also of `sdtm bench e2e --cache`)" if any(
+            which = " (--steps, --grid, --layers, --heads and --threads also of `sdtm bench e2e --cache`)" if any(
                 flag in _STACKING_OPTIONS for flag in given) else ""
             raise ValueError(f"{', '.join(given)}: options of `sdtm bench host` only{which}.")
         return None, None
@@ -340,8 +341,9 @@ def _run_bench(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"machine: {info['processor']}, {info['torch_threads']} threads, torch {info['torch']}, "
-              f"GPU {info['cuda'] or 'none'}")
+        shown = result.get("machine") or info
+        print(f"machine: {shown['processor']}, {shown['torch_threads']} threads, torch {shown['torch']}, "
+              f"GPU {shown['cuda'] or 'none'}")
         print("\n".join(text))
     return 0
 
@@ -357,9 +359,18 @@ def _run_stacking_bench(args, requested, info):
                          "else torch).")
     backend = requested[0] if requested else ("cpp" if cpp_unavailable_reason() is None else "torch")
     options = {key: getattr(args, key) for key in ("steps", "grid") if getattr(args, key) is not None}
-    result = {"machine": info, **bench_stacking(
-        args.cache, backend, rounds=args.rounds, progress=not args.json, model=args.model or "sd3",
-        num_layers=args.layers, heads=args.heads, **options)}
+    import torch
+
+    previous = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        info = {**info, "torch_threads": torch.get_num_threads()}
+        result = {"machine": info, **bench_stacking(
+            args.cache, backend, rounds=args.rounds, progress=not args.json, model=args.model or "sd3",
+            num_layers=args.layers, heads=args.heads, **options)}
+    finally:
+        torch.set_num_threads(previous)
     return result, ["cache", "sdtm", "both"], [result["speedup"][v] for v in ("cache", "sdtm", "both")], \
         stacking_lines(result)
 
