@@ -9,8 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Import name -> distribution name, where they differ.
 DISTRIBUTION = {"PIL": "pillow"}
-# Imported only by the optional GPU kernels (the "triton" extra) and checked for before use.
-OPTIONAL = {"triton"}
+# Imported only by the optional GPU kernels (the "triton" extra) and the step caches (the "cache" extra),
+# and checked for before use.
+OPTIONAL = {"triton", "cache_dit"}
 
 
 def _declared() -> set[str]:
