@@ -5,6 +5,7 @@ A module of its own (not conftest.py), so tests import it by a name no other fol
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -17,7 +18,10 @@ import pytest  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from sdtm.core.ops import cpp_unavailable_reason, triton_unavailable_reason  # noqa: E402
-from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds
+from sdtm.tiny import (  # noqa: E402
+    TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds, tiny_pipeline,
+    tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds,
+)
 
 diffusers_logging.set_verbosity_error()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -80,6 +84,45 @@ def generate(pipe, spec: TinySpec = SD3_SPEC, batch: int = 1, height: int = 32, 
         generator=torch.Generator().manual_seed(seed),
         **kwargs,
     ).images
+
+
+class FamilyPipeline(NamedTuple):
+    """A tiny pipeline of one family: a maker of a fresh pipeline, the call's prompt keywords for
+    ``(batch, dtype)`` and the family's guidance scale."""
+
+    make: Callable
+    embeds: Callable
+    guidance: float
+
+
+def _pixart_embeds(batch: int = 1, dtype=torch.float32) -> dict:
+    # PixArt's pipeline needs no negative prompt text and no resolution binning for the tiny sizes.
+    return dict(tiny_pixart_prompt_embeds(TinyPixArtSpec(), batch, dtype=dtype), negative_prompt=None,
+                use_resolution_binning=False)
+
+
+FAMILY_PIPELINES = {
+    "sd3": FamilyPipeline(lambda: tiny_pipeline(TinySpec()),
+                          lambda batch=1, dtype=torch.float32: tiny_prompt_embeds(TinySpec(), batch, dtype=dtype), 3.0),
+    "flux": FamilyPipeline(lambda: tiny_flux_pipeline(TinyFluxSpec()),
+                           lambda batch=1, dtype=torch.float32: tiny_flux_prompt_embeds(TinyFluxSpec(), batch,
+                                                                                        dtype=dtype), 3.5),
+    "pixart": FamilyPipeline(lambda: tiny_pixart_pipeline(TinyPixArtSpec()), _pixart_embeds, 4.5),
+}
+
+
+def make_pipeline(family: str):
+    """A fresh tiny pipeline of ``family`` (a key of FAMILY_PIPELINES)."""
+    return FAMILY_PIPELINES[family].make()
+
+
+def run_pipeline(pipe, family: str, height: int = 32, width: int = 32, steps: int = 8, seed: int = 0,
+                 dtype=torch.float32, batch: int = 1, **kwargs) -> torch.Tensor:
+    """Latents of one generation of ``pipe`` (of ``family``) from fresh prompt embeddings and fixed noise."""
+    entry = FAMILY_PIPELINES[family]
+    return pipe(**entry.embeds(batch, dtype), height=height, width=width, num_inference_steps=steps,
+                guidance_scale=entry.guidance, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
 def op_inputs(shape, dtype, device="cpu", seed=0):

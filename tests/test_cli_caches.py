@@ -15,38 +15,21 @@ import sys
 import pytest
 import torch
 
-import support  # noqa: F401  (quiet diffusers logging)
+from support import make_pipeline, run_pipeline
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.cli import caches
 from sdtm.cli.caches import CACHE_DIT_MISSING, apply_cache, steps_mask, transformer_blocks, warmup_steps
 from sdtm.cli.main import main
-from sdtm.tiny import (
-    TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds, tiny_pipeline,
-    tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds,
-)
 
 STEPS = 6
 MASK = [1, 1, 0, 1, 0, 1]  # steps_mask(6): 4 of 6 computed
 MERGING = dict(ratio=0.5, deviation=0.0, switch_step=2)
-
-
-def _pixart_embeds():
-    return dict(tiny_pixart_prompt_embeds(TinyPixArtSpec(), 1), negative_prompt=None, use_resolution_binning=False)
-
-
-FAMILIES = {
-    "sd3": (lambda: tiny_pipeline(TinySpec()), lambda: tiny_prompt_embeds(TinySpec(), 1), 3.0),
-    "flux": (lambda: tiny_flux_pipeline(TinyFluxSpec()), lambda: tiny_flux_prompt_embeds(TinyFluxSpec(), 1), 3.5),
-    "pixart": (lambda: tiny_pixart_pipeline(TinyPixArtSpec()), _pixart_embeds, 4.5),
-}
 CELLS = [("sd3", "taylorseer"), ("sd3", "cache-dit"), ("flux", "fbcache"), ("flux", "taylorseer"),
          ("flux", "cache-dit"), ("pixart", "fbcache"), ("pixart", "taylorseer"), ("pixart", "cache-dit")]
 
 
 def generate(pipe, family):
-    _, embeds, guidance = FAMILIES[family]
-    return pipe(**embeds(), height=32, width=32, num_inference_steps=STEPS, guidance_scale=guidance,
-                output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    return run_pipeline(pipe, family, steps=STEPS)
 
 
 def expected_block_calls(family, name, blocks):
@@ -78,7 +61,7 @@ def test_steps_mask_computes_about_seventy_percent():
 
 @pytest.mark.parametrize("family, name", CELLS, ids=[f"{f}-{n}" for f, n in CELLS])
 def test_each_cache_follows_its_schedule_and_undoes_itself(family, name):
-    pipe = FAMILIES[family][0]()
+    pipe = make_pipeline(family)
     plain = generate(pipe, family)
     before = hook_state(pipe)  # after a generation: Flux's pipeline gives its transformer a hook registry
     cache = apply_cache(name, pipe, STEPS)
@@ -105,8 +88,8 @@ def test_each_cache_follows_its_schedule_and_undoes_itself(family, name):
 
 @pytest.mark.parametrize("family, name", [("sd3", "cache-dit"), ("flux", "taylorseer"), ("pixart", "fbcache")])
 def test_sdtm_under_the_cache_records_the_skipped_blocks(family, name):
-    pipe = FAMILIES[family][0]()
-    plain = FAMILIES[family][0]()
+    pipe = make_pipeline(family)
+    plain = make_pipeline(family)
     apply_SDTM(plain, **MERGING)
     cache = apply_cache(name, pipe, STEPS)
     apply_SDTM(pipe, **MERGING)
@@ -137,14 +120,14 @@ def test_bad_cache_names_and_families_are_refused_in_one_line():
     assert "use --cache cache-dit or taylorseer" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ValueError, match="--cache must be one of none, fbcache, taylorseer, cache-dit"):
         caches.check_cache("magcache", "flux")
-    pipe = FAMILIES["sd3"][0]()
+    pipe = make_pipeline("sd3")
     with pytest.raises(ValueError, match="does not run on sd3"):
         apply_cache("fbcache", pipe, STEPS)
     assert getattr(pipe.transformer, "_diffusers_hook", None) is None and not pipe.transformer._forward_pre_hooks
 
 
 def test_a_generation_of_another_length_is_refused():
-    pipe = FAMILIES["flux"][0]()
+    pipe = make_pipeline("flux")
     cache = apply_cache("taylorseer", pipe, STEPS + 1)
     try:
         with pytest.raises(ValueError, match="set up for 7 steps; this generation has 6"):

@@ -36,12 +36,9 @@ from diffusers.hooks import (
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.models.cache_utils import CacheMixin
 
+from support import FAMILY_PIPELINES, make_pipeline, run_pipeline
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.core.hooks import SDTM_HOOK
-from sdtm.tiny import (
-    TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds, tiny_pipeline,
-    tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds,
-)
 
 STEPS = 8
 N = 16 * 16  # image tokens of a 32x32 generation
@@ -49,17 +46,6 @@ ALL_STEPS = frozenset(range(STEPS))
 MERGING = dict(ratio=0.5, deviation=0.0, switch_step=3)
 NO_MERGING = dict(ratio=0.0, deviation=0.0)
 ORDERS = ("cache_first", "sdtm_first")
-
-
-def _pixart_embeds():
-    return dict(tiny_pixart_prompt_embeds(TinyPixArtSpec(), 1), negative_prompt=None, use_resolution_binning=False)
-
-
-FAMILIES = {
-    "sd3": (lambda: tiny_pipeline(TinySpec()), lambda: tiny_prompt_embeds(TinySpec(), 1), 3.0),
-    "flux": (lambda: tiny_flux_pipeline(TinyFluxSpec()), lambda: tiny_flux_prompt_embeds(TinyFluxSpec(), 1), 3.5),
-    "pixart": (lambda: tiny_pixart_pipeline(TinyPixArtSpec()), _pixart_embeds, 4.5),
-}
 
 
 # --- Caches ------------------------------------------------------------------------------------------------
@@ -233,7 +219,7 @@ class Counter:
 
 
 def make(family):
-    pipe = FAMILIES[family][0]()
+    pipe = make_pipeline(family)
     pipe._counter = Counter(pipe.transformer)
     return pipe
 
@@ -241,14 +227,12 @@ def make(family):
 def run(pipe, family):
     """One 8-step generation from fixed noise; SD3 and PixArt (no CacheMixin) get the cache context and the
     reset of the caches' state that diffusers' Flux pipeline does itself."""
-    _, embeds, guidance = FAMILIES[family]
     transformer = pipe.transformer
     if not isinstance(transformer, CacheMixin):
         HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
         _set_cache_context(transformer, CacheContext("cond"))
     pipe._counter.clear()
-    out = pipe(**embeds(), height=32, width=32, num_inference_steps=STEPS, guidance_scale=guidance,
-               output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    out = run_pipeline(pipe, family, steps=STEPS)
     assert pipe._counter.calls == STEPS
     return out
 
@@ -439,7 +423,7 @@ def _enable_faster_cache(pipe, family):
         apply_faster_cache(pipe.transformer, config)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_faster_cache_is_refused_when_applied_after_sdtm(family):
     pipe = make(family)
     apply_SDTM(pipe, **MERGING)
@@ -448,7 +432,7 @@ def test_faster_cache_is_refused_when_applied_after_sdtm(family):
         run(pipe, family)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_faster_cache_is_refused_when_applied_before_sdtm(family):
     pipe = make(family)
     _enable_faster_cache(pipe, family)

@@ -29,24 +29,11 @@ from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
 from diffusers.hooks import apply_group_offloading
 
-from support import relative_difference
+from support import FAMILY_PIPELINES, make_pipeline, relative_difference, run_pipeline
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.core.hooks import SDTM_HOOK
-from sdtm.tiny import (
-    TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds, tiny_pipeline,
-    tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds,
-)
 
 
-def _pixart_embeds():
-    return dict(tiny_pixart_prompt_embeds(TinyPixArtSpec(), 1), negative_prompt=None, use_resolution_binning=False)
-
-
-FAMILIES = {
-    "sd3": (lambda: tiny_pipeline(TinySpec()), lambda: tiny_prompt_embeds(TinySpec(), 1), 3.0),
-    "flux": (lambda: tiny_flux_pipeline(TinyFluxSpec()), lambda: tiny_flux_prompt_embeds(TinyFluxSpec(), 1), 3.5),
-    "pixart": (lambda: tiny_pixart_pipeline(TinyPixArtSpec()), _pixart_embeds, 4.5),
-}
 PIPELINE_CLASSES = (StableDiffusion3Pipeline, FluxPipeline, PixArtSigmaPipeline)
 ORDERS = ["sdtm_first", "other_first"]
 STEPS = 8
@@ -58,14 +45,8 @@ MASK = [1, 1, 0, 1, 0, 0, 1, 1]
 CACHED_STEPS = [i for i, compute in enumerate(MASK) if not compute]
 
 
-def make(family):
-    return FAMILIES[family][0]()
-
-
 def generate(pipe, family, **kwargs):
-    _, embeds, guidance = FAMILIES[family]
-    return pipe(**embeds(), height=32, width=32, num_inference_steps=STEPS, guidance_scale=guidance,
-                output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
+    return run_pipeline(pipe, family, steps=STEPS, **kwargs)
 
 
 def merged_records(pipe):
@@ -129,7 +110,7 @@ def cache_dit_on(pipe, family, calibrated, order="other_first", sdtm=None):
 
 
 def cache_dit_alone(family, calibrated):
-    pipe = make(family)
+    pipe = make_pipeline(family)
     with cache_dit_on(pipe, family, calibrated):
         out = generate(pipe, family)
         assert cache_dit.summary(pipe, logging=False)[0].cached_steps == CACHED_STEPS
@@ -172,9 +153,9 @@ class StateSnapshots:
 
 @pytest.mark.parametrize("calibrated", [False, True], ids=["dbcache", "taylorseer"])
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_cache_dit_and_sdtm_both_run_and_skipped_blocks_leave_sdtm_state_alone(family, order, calibrated):
-    pipe = make(family)
+    pipe = make_pipeline(family)
     with cache_dit_on(pipe, family, calibrated, order, CACHE_MERGING):
         snapshots = StateSnapshots(pipe.transformer)
         out = generate(pipe, family)
@@ -224,17 +205,17 @@ def test_cache_dit_and_sdtm_both_run_and_skipped_blocks_leave_sdtm_state_alone(f
     assert blended > 0
 
     if calibrated:  # the calibrator changed what the cached steps returned
-        plain = make(family)
+        plain = make_pipeline(family)
         with cache_dit_on(plain, family, False, order, CACHE_MERGING):
             assert not torch.equal(generate(plain, family), out)
 
 
 @pytest.mark.parametrize("calibrated", [False, True], ids=["dbcache", "taylorseer"])
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_cache_dit_with_sdtm_at_ratio_zero_is_cache_dit_alone(family, order, calibrated):
     expected = cache_dit_alone(family, calibrated)
-    pipe = make(family)
+    pipe = make_pipeline(family)
     with cache_dit_on(pipe, family, calibrated, order, NOTHING):
         out = generate(pipe, family)
         assert cache_dit.summary(pipe, logging=False)[0].cached_steps == CACHED_STEPS
@@ -248,7 +229,7 @@ def test_cache_dit_with_sdtm_at_ratio_zero_is_cache_dit_alone(family, order, cal
 def test_cache_dit_encoder_calibrator_fails_on_sd3_without_sdtm():
     """cache-dit's limitation, not SDTM's: its TaylorSeer encoder calibrator expects a text output of SD3's last
     block, which has none (context_pre_only); the SD3 cells above use enable_encoder_calibrator=False."""
-    pipe = make("sd3")
+    pipe = make_pipeline("sd3")
     config, _ = _cache_dit_configs("sd3", False)
     cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1))
     try:
@@ -284,14 +265,14 @@ def _assert_other_hooks(pipe, family, kind):
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("kind", ["block_level", "leaf_level", "casting"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_offloading_and_casting_compose_in_either_order(family, kind, order):
-    alone = make(family)
+    alone = make_pipeline(family)
     _offload(alone, kind)
     expected = generate(alone, family)
 
     def composed(settings):
-        pipe = make(family)
+        pipe = make_pipeline(family)
         if order == "sdtm_first":
             apply_SDTM(pipe, **settings)
             _offload(pipe, kind)
@@ -347,9 +328,9 @@ def _compile_blocks(pipe, family):
 
 
 @pytest.mark.parametrize("order", ["sdtm_first", "compile_first"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_regional_compile_matches_eager_sdtm_without_recompiling(fresh_dynamo, family, order):
-    pipe = make(family)
+    pipe = make_pipeline(family)
     apply_SDTM(pipe, **MERGING)
     eager = generate(pipe, family)
     remove_SDTM(pipe)
@@ -374,9 +355,9 @@ def test_regional_compile_matches_eager_sdtm_without_recompiling(fresh_dynamo, f
 # ----------------------------------------------------------------------------------------------------------
 # 5. Saving
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_torch_save_refuses_a_patched_transformer_and_save_pretrained_writes_no_sdtm_state(family, tmp_path):
-    pipe = make(family)
+    pipe = make_pipeline(family)
     unpatched = generate(pipe, family)
     apply_SDTM(pipe, **MERGING)
     merged = generate(pipe, family)
@@ -423,21 +404,21 @@ def _add_lora(pipe, lora):
 
 def test_pixart_transformer_takes_no_lora_adapter_in_diffusers():
     # A diffusers limitation, not SDTM's: PixArtTransformer2DModel has no PEFT adapter methods.
-    assert not hasattr(make("pixart").transformer, "add_adapter")
+    assert not hasattr(make_pipeline("pixart").transformer, "add_adapter")
 
 
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_composes_in_either_order(family, order):
     lora = _peft_or_skip()
-    base = generate(make(family), family)
-    alone = make(family)
+    base = generate(make_pipeline(family), family)
+    alone = make_pipeline(family)
     _add_lora(alone, lora)
     expected = generate(alone, family)
     assert not torch.equal(expected, base)  # the adapter changes the model
 
     def composed(settings):
-        pipe = make(family)
+        pipe = make_pipeline(family)
         if order == "sdtm_first":
             apply_SDTM(pipe, **settings)
             _add_lora(pipe, lora)
@@ -455,11 +436,11 @@ def test_lora_composes_in_either_order(family, order):
 
 @pytest.mark.parametrize("order", ["sdtm_first", "fuse_first"])
 def test_flux_fused_qkv_projections_with_sdtm(order):
-    unfused = make("flux")
+    unfused = make_pipeline("flux")
     apply_SDTM(unfused, **MERGING)
     merged_unfused = generate(unfused, "flux")
 
-    pipe = make("flux")
+    pipe = make_pipeline("flux")
     transformer = pipe.transformer
     if order == "sdtm_first":
         apply_SDTM(pipe, **MERGING)

@@ -6,30 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support import relative_difference, requires_cpp
+from support import FAMILY_PIPELINES, make_pipeline, relative_difference, requires_cpp, run_pipeline
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
-from sdtm.tiny import (
-    TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds, tiny_pipeline,
-    tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds,
-)
+from sdtm.tiny import TinySpec, tiny_prompt_embeds
 
-def _pixart_embeds(batch, dtype):
-    return dict(tiny_pixart_prompt_embeds(TinyPixArtSpec(), batch, dtype=dtype), negative_prompt=None,
-                use_resolution_binning=False)
-
-
-FAMILIES = {
-    "sd3": (lambda: tiny_pipeline(TinySpec()), lambda b, dt: tiny_prompt_embeds(TinySpec(), b, dtype=dt), 3.0),
-    "flux": (lambda: tiny_flux_pipeline(TinyFluxSpec()), lambda b, dt: tiny_flux_prompt_embeds(TinyFluxSpec(), b, dtype=dt),
-             3.5),
-    "pixart": (lambda: tiny_pixart_pipeline(TinyPixArtSpec()), _pixart_embeds, 4.5),
-}
 MERGING = dict(ratio=0.5, deviation=0.0, switch_step=3)
 
 
 @pytest.fixture(scope="module")
 def pipes():
-    return {name: make() for name, (make, _, _) in FAMILIES.items()}
+    return {name: make_pipeline(name) for name in FAMILY_PIPELINES}
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +23,6 @@ def _unpatched(pipes):
     yield
     for pipe in pipes.values():
         remove_SDTM(pipe)
-
-
-def run(pipe, family, height=32, width=32, steps=8, seed=0, dtype=torch.float32, **kwargs):
-    _, embeds, guidance = FAMILIES[family]
-    return pipe(**embeds(1, dtype), height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(seed),
-                **kwargs).images
 
 
 def merged_records(pipe):
@@ -56,10 +35,10 @@ def test_flux_alternating_transposed_grids_merge_on_their_own_grid(pipes):
     apply_SDTM(flux, use_rand=False, **MERGING)
     fresh = {}
     for height, width in ((32, 16), (16, 32)):
-        fresh[height, width] = run(flux, "flux", height, width)
+        fresh[height, width] = run_pipeline(flux, "flux", height, width)
     for _ in range(3):
         for height, width in ((32, 16), (16, 32)):
-            out = run(flux, "flux", height, width)
+            out = run_pipeline(flux, "flux", height, width)
             grid = sdtm_state(flux).grid
             assert (grid.height, grid.width) == (height // 2, width // 2)
             assert torch.equal(out, fresh[height, width])
@@ -68,7 +47,7 @@ def test_flux_alternating_transposed_grids_merge_on_their_own_grid(pipes):
 def test_flux_grid_memo_goes_with_the_patch(pipes):
     flux = pipes["flux"]
     apply_SDTM(flux, **MERGING)
-    run(flux, "flux")
+    run_pipeline(flux, "flux")
     remove_SDTM(flux)
     assert not any(name.startswith("_sdtm") for name in vars(flux.transformer))
 
@@ -87,7 +66,7 @@ def test_flux_bf16_ids_past_256_columns_are_accepted():
 
 
 # 2. A transformer shared by a second pipeline follows the calling pipeline's schedule.
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 @pytest.mark.parametrize("first_runs", [True, False], ids=["A-ran", "A-never-ran"])
 def test_shared_transformer_follows_the_calling_pipeline(pipes, family, first_runs):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
@@ -98,14 +77,14 @@ def test_shared_transformer_follows_the_calling_pipeline(pipes, family, first_ru
     b = type(a).from_pipe(a, scheduler=scheduler)
     own = type(a).from_pipe(a, scheduler=scheduler.from_config(scheduler.config))
     apply_SDTM(own, **MERGING)
-    expected = run(own, family, steps=4)
+    expected = run_pipeline(own, family, steps=4)
     expected_steps = sorted({r.step for r in sdtm_state(own).records})
     remove_SDTM(own)
 
     apply_SDTM(a, **MERGING)
     if first_runs:
-        run(a, family, steps=8)
-    out = run(b, family, steps=4)
+        run_pipeline(a, family, steps=8)
+    out = run_pipeline(b, family, steps=4)
     assert sorted({r.step for r in sdtm_state(a).records}) == expected_steps == [0, 1, 2, 3]
     assert sdtm_state(a).num_steps == 4
     assert merged_records(a)
@@ -113,38 +92,38 @@ def test_shared_transformer_follows_the_calling_pipeline(pipes, family, first_ru
 
 
 # 3. Inference mode, in either order with no_grad.
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_inference_mode_and_no_grad_in_either_order_agree(pipes, family):
     pipe = pipes[family]
     apply_SDTM(pipe, **MERGING)
     with torch.inference_mode():
-        first = run(pipe, family)
+        first = run_pipeline(pipe, family)
     with torch.no_grad():
-        second = run(pipe, family)
+        second = run_pipeline(pipe, family)
     with torch.inference_mode():
-        third = run(pipe, family)
+        third = run_pipeline(pipe, family)
     assert merged_records(pipe)
     assert torch.equal(first, second) and torch.equal(second, third)
     apply_SDTM(pipe, **MERGING)  # fresh buffers, first call outside inference mode
     with torch.no_grad():
-        fresh = run(pipe, family)
+        fresh = run_pipeline(pipe, family)
     assert torch.equal(fresh, first)
 
 
 # 4. Same inputs and generator, same image, whatever the global RNG did.
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_seeded_generation_ignores_the_global_rng(pipes, family):
     pipe = pipes[family]
     batch_rand = dict(MERGING, use_rand=True, pseudo_merge=True)  # a group takes its (random) destination's value
     apply_SDTM(pipe, **batch_rand)
     torch.manual_seed(1)
-    first = run(pipe, family)
+    first = run_pipeline(pipe, family)
     torch.randn(1000)
     torch.nn.Linear(8, 8)
-    second = run(pipe, family)
+    second = run_pipeline(pipe, family)
     assert torch.equal(first, second)
     apply_SDTM(pipe, **batch_rand, seed=1)
-    other_seed = run(pipe, family)
+    other_seed = run_pipeline(pipe, family)
     assert not torch.equal(other_seed, first)
 
 
@@ -189,19 +168,19 @@ def test_gradient_checkpointing_is_refused_with_the_reason(pipes):
             pipe.transformer(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 7, 32),
                              pooled_projections=torch.randn(1, 16), timestep=torch.tensor([1.0]))
         with torch.no_grad():  # inference with checkpointing enabled recomputes nothing: allowed
-            run(pipe, "sd3", steps=2)
+            run_pipeline(pipe, "sd3", steps=2)
     finally:
         pipe.transformer.disable_gradient_checkpointing()
 
 
 # 6. A plan that merges nothing leaves the block unchanged.
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_blocks_whose_plan_merges_nothing_run_unchanged(pipes, family):
     pipe = pipes[family]
     size = 8  # a 4x4 token grid: no multiple of 16 sources in detail steps
-    expected = run(pipe, family, size, size)
+    expected = run_pipeline(pipe, family, size, size)
     apply_SDTM(pipe, ratio=0.99, deviation=0.0, switch_step=-1, protect_steps_frequency=2)
-    out = run(pipe, family, size, size)
+    out = run_pipeline(pipe, family, size, size)
     records = sdtm_state(pipe).records
     assert (sdtm_state(pipe).grid.height, sdtm_state(pipe).grid.width) == (4, 4)
     assert records and all(r.mode != "merged" for r in records)
@@ -210,14 +189,14 @@ def test_blocks_whose_plan_merges_nothing_run_unchanged(pipes, family):
 
 # 7. Autocast and layerwise casting: caches and fused ops follow the compute dtype.
 @requires_cpp
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PIPELINES)
 def test_autocast_bf16_runs_on_the_cpp_backend_like_the_torch_backend(pipes, family):
     pipe = pipes[family]
     outputs = {}
     for backend in ("cpp", "torch"):
         apply_SDTM(pipe, backend=backend, **MERGING)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs[backend] = run(pipe, family)
+            outputs[backend] = run_pipeline(pipe, family)
         caches = [c for s in sdtm_state(pipe).streams.values() for c in s.caches.values()]
         assert caches and {c.dtype for c in caches} == {torch.bfloat16}
         assert merged_records(pipe)
@@ -228,13 +207,13 @@ def test_autocast_bf16_runs_on_the_cpp_backend_like_the_torch_backend(pipes, fam
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_layerwise_casting_caches_take_the_compute_dtype(storage, backend):
-    flux = tiny_flux_pipeline(TinyFluxSpec())
+    flux = make_pipeline("flux")
     flux.transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
-    expected = run(flux, "flux")
+    expected = run_pipeline(flux, "flux")
     apply_SDTM(flux, backend=backend, protect_steps_frequency=1)  # every step protected: exact
-    assert torch.equal(run(flux, "flux"), expected)
+    assert torch.equal(run_pipeline(flux, "flux"), expected)
     apply_SDTM(flux, backend=backend, **MERGING)
-    out = run(flux, "flux")
+    out = run_pipeline(flux, "flux")
     caches = [c for s in sdtm_state(flux).streams.values() for c in s.caches.values()]
     assert caches and {c.dtype for c in caches} == {torch.float32}
     assert merged_records(flux) and torch.isfinite(out).all()
