@@ -51,18 +51,25 @@ sdtm.core.graphs cannot be imported; the JSON says which ran and why). Every var
 transformer that shares its weights, so the variants keep their own SDTM state and graphs side by side.
 
 Measured, per variant: the first generation (Triton compilation, graph capture or compilation included:
-first_generation_seconds), then one generation with an event around every transformer call
-(per_step_ms, per_phase_ms: medians at protected, structure-phase and detail-phase steps, the steps
-classified with SDTM's default schedule for every variant, so the phases compare) and its memory, then
-``--rounds`` interleaved rounds of whole generations timed with CUDA events (perf_counter on the CPU):
-the medians are ``seconds``. ``speedup`` compares each SDTM variant with the unmerged one on the same
-path, ``realised_share`` is that speedup over the theoretical MAC ratio (sdtm.cli.macs.schedule_macs,
-counted on the meta device).
+first_generation_seconds), then one extra instrumented generation with an event around every transformer
+call (per_step_ms, per_phase_ms: medians at protected, structure-phase and detail-phase steps, the steps
+classified with SDTM's default schedule for every variant, so the phases compare; ``per_step_source``), then
+``--rounds`` (5) interleaved rounds of whole generations timed with CUDA events (perf_counter on the CPU):
+the medians are ``seconds``, ``seconds_stats`` has min / median / max, ``round_seconds`` every round.
+``speedup`` compares each SDTM variant with the unmerged one on the same path, ``realised_share`` is that
+speedup over the theoretical MAC ratio (sdtm.cli.macs.schedule_macs, counted on the meta device).
 
-Memory (CUDA): ``peak_memory_bytes`` is what one variant would peak at on its own: the memory in use
-before any variant ran (weights, inputs), plus what the variant keeps between generations (SDTM caches
-and buffers, graph outputs), plus its peak above that during a generation. Graph replays allocate
-nothing: their workspace is in the graphs' pool, reported as ``memory.reserved_growth_bytes``.
+Output check: each variant's final latents must be finite, a fast variant's within ``--fast-tolerance``
+of the same variant eager, and sdtm_eager's (--backend, triton on CUDA) within ``--backend-tolerance`` of
+one more generation with the torch backend at the same size (relative L2 differences; the tolerances are in
+``output_check_tolerances``). Past them the JSON says ``"passed": false`` and ``failure``, and the exit code
+is 1; ``tree`` has the commit and whether the working tree was dirty (``.whl/`` and benchmarks/results/ left
+out; "unknown" without git).
+
+Memory (CUDA): measured with torch.cuda.max_memory_allocated (``peak_memory_bytes``) and
+max_memory_reserved (``memory.peak_reserved_bytes``: CUDA graph pools included), the peak statistics reset
+before each variant's warm-up and its instrumented generation; both include what was resident before the
+variant (``memory.allocated_before_bytes``). On the CPU they are null, with the reason in ``memory.note``.
 
 ``--budget`` caps the run: a variant is skipped (and said so) when its warm-up would start late, and the
 rounds are cut to what fits; a JSON file is written after every stage, so a run stopped early (SIGINT)
@@ -170,8 +177,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "both, eager, on the cache's deterministic schedule (about 70%% of the steps computed), "
                            "with the steps and blocks each computed and the stacking efficiency; fbcache: flux-dev "
                            "only (diffusers' FirstBlockCache cannot take SD3's last block)")
+    check = parser.add_argument_group("output check (the run fails past these)")
+    check.add_argument("--fast-tolerance", type=float, default=None,
+                       help="largest relative difference ||fast - eager|| / ||eager|| of the final latents of a "
+                            "variant on the fast path and the same variant eager; 0.01 (graph replay), 0.05 "
+                            "(torch.compile)")
+    check.add_argument("--backend-tolerance", type=float, default=0.05,
+                       help="largest relative difference of sdtm_eager's final latents with --backend (triton on "
+                            "CUDA) and with the torch backend, at the run's full size; 0.05")
     timing = parser.add_argument_group("timing and budget")
-    timing.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds; 3 (1 with --tiny)")
+    timing.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds; 5 (1 with --tiny)")
     timing.add_argument("--budget", type=float, default=330.0,
                         help="seconds this script may take: variants whose warm-up would start after "
                              f"{WARMUP_SHARE * 100:.0f}%% of it are skipped and the rounds are cut to fit; "
@@ -193,6 +208,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be positive, got {value}")
+    for name in ("fast_tolerance", "backend_tolerance"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
     if args.cache == "fbcache" and MODELS[args.model]["family"] != "flux":
@@ -218,7 +237,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     spec = MODELS[args.model]
     args.size = args.size or (256 if args.tiny else 1024)
     args.steps = args.steps or (6 if args.tiny else spec["steps"])
-    args.rounds = args.rounds or (1 if args.tiny else 3)
+    args.rounds = args.rounds or (1 if args.tiny else 5)
     args.batch = args.batch or spec["batch"]
     args.dtype = args.dtype or ("float32" if args.tiny or not cuda else spec["dtype"])
     args.backend = args.backend or ("triton" if cuda else "auto")
@@ -614,12 +633,33 @@ def versions() -> dict:
         except Exception as error:  # not installed, or broken
             out[name] = None
             out[f"{name}_error"] = f"{type(error).__name__}: {error}"
-    try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                       timeout=10).stdout.strip() or None
-    except Exception:
-        out["commit"] = None
+    out["commit"] = tree_state()["commit"]
     return out
+
+
+# Untracked paths the check itself brings or writes: not a change to the code that ran.
+TREE_IGNORED = (".whl/", "benchmarks/results/")
+
+
+def tree_state() -> dict:
+    """The commit that ran and whether the working tree differed from it (``git status --porcelain``, the
+    paths under TREE_IGNORED left out; ``changed``: the first 20 paths); "unknown" where git cannot tell."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        if commit.returncode != 0 or status.returncode != 0 or not commit.stdout.strip():
+            raise RuntimeError((commit.stderr or status.stderr).strip() or "git failed")
+    except Exception as error:  # no git, or not a repository (a copied working tree)
+        return {"commit": "unknown", "dirty": "unknown", "changed": None,
+                "note": f"git cannot tell ({type(error).__name__}: {error})"}
+    changed = []
+    for line in status.stdout.splitlines():
+        path = line[3:].split(" -> ")[-1].strip('"')
+        if path and not path.startswith(TREE_IGNORED):
+            changed.append(path)
+    return {"commit": commit.stdout.strip(), "dirty": bool(changed), "changed": changed[:20],
+            "changed_count": len(changed), "ignored": list(TREE_IGNORED)}
 
 
 def relative_difference(a, b) -> float:
@@ -652,6 +692,11 @@ class Report:
                 print(f"could not copy the JSON into $OUT ({error})", file=sys.stderr)
 
 
+def round_stats(values: list[float]) -> dict:
+    """min / median / max seconds of a variant's timed rounds, and how many there were."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "rounds": len(values)}
+
+
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
@@ -666,7 +711,7 @@ def summarise(data: dict) -> str:
         f"{settings['rounds'] or 0} rounds; fast path {data['fast_path']}",
         f"MAC ratio {data['mac_ratio']:.3f} (defaults), {data['mac_ratio_aggressive']:.3f} (aggressive)"
         if data.get("mac_ratio") and data.get("mac_ratio_aggressive") else f"MAC ratio {data.get('mac_ratio')}",
-        f"{'variant':24}{'median s':>10}{'speedup':>9}{'of MACs':>9}{'first s':>9}"
+        f"{'variant':24}{'median s':>10}{'min s':>9}{'max s':>9}{'speedup':>9}{'of MACs':>9}{'first s':>9}"
         f"{'prot ms':>9}{'struct ms':>10}{'detail ms':>10}{'peak GiB':>9}",
     ]
 
@@ -678,7 +723,9 @@ def summarise(data: dict) -> str:
     for name in data.get("variants") or VARIANTS:
         p = phase.get(name) or {}
         gib = mem.get(name) / 2**30 if isinstance(mem.get(name), (int, float)) else None
-        lines.append(f"{name:24}{fmt(s.get(name), '10.3f')}{fmt(sp.get(name), '9.3f')}"
+        st = (data.get("seconds_stats") or {}).get(name) or {}
+        lines.append(f"{name:24}{fmt(s.get(name), '10.3f')}{fmt(st.get('min'), '9.3f')}{fmt(st.get('max'), '9.3f')}"
+                     f"{fmt(sp.get(name), '9.3f')}"
                      f"{fmt(rs.get(name), '9.1%')}{fmt(first.get(name), '9.2f')}"
                      f"{fmt(p.get('protected'), '9.2f')}{fmt(p.get('structure'), '10.2f')}"
                      f"{fmt(p.get('detail'), '10.2f')}{fmt(gib, '9.2f')}")
@@ -733,6 +780,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
             info["cache_dit"], info["cache_dit_error"] = None, f"{type(error).__name__}: {error}"
     data.update({
         "model": args.model, "device": name, "torch": info["torch"], "triton": info.get("triton"), "versions": info,
+        "tree": tree_state(), "passed": None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fast_path": fast_path.kind, "fast_path_detail": fast_path.detail, "fast_path_note": fast_path.note,
         "settings": {"model": spec["tiny"] if args.tiny else f"{args.model}, random weights",
@@ -749,7 +797,9 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         "seconds": dict(empty), "speedup": {}, "realised_share": {}, "fast_path_gain": {},
         "first_generation_seconds": dict(empty), "per_phase_ms": dict(empty), "per_step_ms": dict(empty),
         "step_phases": phases, "peak_memory_bytes": dict(empty), "memory": {}, "graph_stats": {},
-        "output_check": {}, "round_seconds": {}, "errors": {}, "skipped": {},
+        "per_step_source": ("one extra instrumented generation per variant (after its warm-up, before the timed "
+                            "rounds), an event around every transformer call; not one of the timed rounds"),
+        "output_check": {}, "round_seconds": {}, "seconds_stats": dict(empty), "errors": {}, "skipped": {},
         "stages_seconds": elapsed.stages,
         "shell_seconds": {"install": args.install_seconds, "tests": args.tests_seconds},
     })
@@ -797,10 +847,31 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
             data["skipped"][v] = "--skip-aggressive"
     clock.sync()
     base_bytes = torch.cuda.memory_allocated(args.device) if cuda else None
-    data["memory"] = {"base_bytes": base_bytes, "persistent_bytes": {}, "transient_peak_bytes": {},
-                      "reserved_growth_bytes": {}, "raw_peak_bytes": {},
-                      "note": "peak_memory_bytes = base_bytes + persistent_bytes + transient_peak_bytes, as if the "
-                              "variant ran alone; raw_peak_bytes counts the other variants' resident state too"}
+    data["memory"] = {
+        "base_bytes": base_bytes, "persistent_bytes": {}, "reserved_growth_bytes": {}, "peak_reserved_bytes": {},
+        "allocated_before_bytes": {}, "reserved_before_bytes": {},
+        "note": ("measured, not estimated: torch.cuda.reset_peak_memory_stats before the variant's warm-up (setup, "
+                 "first generation: graph capture and its pool included) and again before its instrumented "
+                 "generation; peak_memory_bytes is the larger torch.cuda.max_memory_allocated of the two, "
+                 "peak_reserved_bytes the larger max_memory_reserved (CUDA graph pools count there). Both include "
+                 "what was resident before the variant (allocated_before_bytes: the weights, the inputs and the "
+                 "state of the variants set up before it, in the order of 'variants')") if cuda else
+                "null: no CUDA device (torch.cuda memory statistics exist on CUDA only)"}
+    if not cuda:
+        data["peak_memory_note"] = data["memory"]["note"]
+
+    def reset_peak():
+        clock.sync()
+        torch.cuda.reset_peak_memory_stats(args.device)
+
+    def record_peak(variant_name):
+        clock.sync()
+        mem = data["memory"]
+        allocated = torch.cuda.max_memory_allocated(args.device)
+        reserved = torch.cuda.max_memory_reserved(args.device)
+        data["peak_memory_bytes"][variant_name] = max(allocated, data["peak_memory_bytes"][variant_name] or 0)
+        mem["peak_reserved_bytes"][variant_name] = max(reserved, mem["peak_reserved_bytes"].get(variant_name, 0))
+
     report.write("running")
 
     elapsed.begin("warm-up: the first generation of each variant")
@@ -815,11 +886,15 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         try:
             clock.sync()
             if cuda:
+                reset_peak()
                 before = torch.cuda.memory_allocated(args.device)
                 reserved = torch.cuda.memory_reserved(args.device)
+                data["memory"]["allocated_before_bytes"][variant.name] = before
+                data["memory"]["reserved_before_bytes"][variant.name] = reserved
             variant.setup(base, args, fast_path)
             seconds, _ = clock.time(variant)
             if cuda:
+                record_peak(variant.name)
                 data["memory"]["persistent_bytes"][variant.name] = torch.cuda.memory_allocated(args.device) - before
                 data["memory"]["reserved_growth_bytes"][variant.name] = (torch.cuda.memory_reserved(args.device)
                                                                          - reserved)
@@ -841,20 +916,13 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         try:
             timer = StepTimer(clock)
             if cuda:
-                clock.sync()
-                torch.cuda.reset_peak_memory_stats(args.device)
-                start_bytes = torch.cuda.memory_allocated(args.device)
+                reset_peak()
             wall = time.perf_counter()
             out = variant(timer)
             step_ms = timer.milliseconds()
             generation_seconds[variant.name] = time.perf_counter() - wall
             if cuda:
-                peak = torch.cuda.max_memory_allocated(args.device)
-                mem = data["memory"]
-                mem["raw_peak_bytes"][variant.name] = peak
-                mem["transient_peak_bytes"][variant.name] = peak - start_bytes
-                data["peak_memory_bytes"][variant.name] = (base_bytes + mem["persistent_bytes"][variant.name]
-                                                           + peak - start_bytes)
+                record_peak(variant.name)
         except Exception as error:
             data["errors"][variant.name] = f"{type(error).__name__}: {error}"
             print(f"  {variant.name} failed:\n{traceback.format_exc()}", flush=True)
@@ -870,13 +938,8 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         stats = fast_path.stats(variant.transformer) if variant.fast else None
         if stats is not None:
             data["graph_stats"][variant.name] = stats
-    for name, out in outputs.items():
-        check = {"finite": bool(torch.isfinite(out).all())}
-        if name.endswith("_fast") and name.replace("_fast", "_eager") in outputs:
-            check["relative_difference_vs_eager"] = relative_difference(out, outputs[name.replace("_fast", "_eager")])
-        if name != "unmerged_eager" and not name.startswith("unmerged") and "unmerged_eager" in outputs:
-            check["relative_difference_vs_unmerged"] = relative_difference(out, outputs["unmerged_eager"])
-        data["output_check"][name] = check
+    backend_check(args, base, default, outputs, data)
+    check_outputs(args, fast_path, outputs, data)
     outputs.clear()
     report.write("running")
 
@@ -905,6 +968,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         for k, v in times.items():
             if v:
                 data["seconds"][k] = statistics.median(v)
+                data["seconds_stats"][k] = round_stats(v)
         fill_ratios(data, mac_for)
         fill_stacking(data, ready)
         report.write("running")
@@ -917,12 +981,76 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         fill_ratios(data, mac_for)
         fill_stacking(data, ready)
     else:
-        data["seconds_source"] = f"median of {rounds} interleaved rounds"
+        data["seconds_source"] = (f"median of {rounds} interleaved rounds (seconds_stats: min / median / max; "
+                                  "round_seconds: every round)")
     for variant in ready:
         stats = fast_path.stats(variant.transformer) if variant.fast else None
         if stats is not None:
             data["graph_stats"][variant.name] = stats
     elapsed.end()
+
+
+def backend_check(args, base, default, outputs: dict, data: dict) -> None:
+    """One more eager SDTM generation with the torch backend (the reference ops), at the run's size, whose final
+    latents sdtm_eager's (--backend: triton on CUDA) are compared with in ``check_outputs``."""
+    if args.cache or "sdtm_eager" not in outputs:
+        return
+    if args.backend == "torch":
+        data["output_check_backend"] = {"checked": False, "why": "--backend torch: sdtm_eager is the torch path"}
+        return
+    reference = Variant("sdtm_eager_torch_backend", default.replace(backend="torch"), False)
+    try:
+        reference.setup(base, args, None)
+        outputs["sdtm_eager_torch_backend"] = reference()
+    except Exception as error:
+        data["errors"]["sdtm_eager_torch_backend"] = f"{type(error).__name__}: {error}"
+        print(f"  the torch-backend reference failed:\n{traceback.format_exc()}", flush=True)
+    data["output_check_backend"] = {"checked": "sdtm_eager_torch_backend" in outputs, "backend": args.backend,
+                                    "reference_backend": "torch", "variant": "sdtm_eager",
+                                    "size": [args.size, args.size], "steps": args.steps}
+
+
+def check_outputs(args, fast_path, outputs: dict, data: dict) -> None:
+    """Each variant's final latents: finite; on the fast path, within the fast tolerance of the same variant
+    eager; sdtm_eager within the backend tolerance of the torch backend. What is past them goes into
+    ``output_check_failures`` (the run then fails); the difference with unmerged_eager is recorded only."""
+    import torch
+
+    fast_tolerance = args.fast_tolerance
+    if fast_tolerance is None:
+        fast_tolerance = 0.01 if fast_path.kind == "cuda_graphs" else 0.05
+    data["output_check_tolerances"] = {
+        "measure": "relative difference of the final latents, ||a - b|| / ||b|| (float64)",
+        "fast_vs_eager": fast_tolerance, "backend_vs_torch": args.backend_tolerance,
+        "note": "every output must be finite; relative_difference_vs_unmerged is recorded, not checked "
+                "(SDTM changes the output by design)"}
+    failures = []
+    reference = outputs.pop("sdtm_eager_torch_backend", None)
+    for name, out in outputs.items():
+        check = {"finite": bool(torch.isfinite(out).all())}
+        if not check["finite"]:
+            failures.append(f"{name}: the output is not finite")
+        eager = name.replace("_fast", "_eager")
+        if name.endswith("_fast") and eager in outputs:
+            difference = relative_difference(out, outputs[eager])
+            check["relative_difference_vs_eager"] = difference
+            check["within_tolerance"] = difference <= fast_tolerance
+            if not check["within_tolerance"]:
+                failures.append(f"{name}: relative difference {difference:.3g} with {eager} is past "
+                                f"{fast_tolerance:g}")
+        if name == "sdtm_eager" and reference is not None:
+            difference = relative_difference(out, reference)
+            check["relative_difference_vs_torch_backend"] = difference
+            check["within_backend_tolerance"] = difference <= args.backend_tolerance
+            if not check["within_backend_tolerance"]:
+                failures.append(f"sdtm_eager: relative difference {difference:.3g} of backend {args.backend!r} with "
+                                f"the torch backend is past {args.backend_tolerance:g}")
+        if name != "unmerged_eager" and not name.startswith("unmerged") and "unmerged_eager" in outputs:
+            check["relative_difference_vs_unmerged"] = relative_difference(out, outputs["unmerged_eager"])
+        data["output_check"][name] = check
+    data["output_check_failures"] = failures
+    for failure in failures:
+        print(f"  OUTPUT CHECK FAILED: {failure}", flush=True)
 
 
 def fill_stacking(data: dict, ready: list) -> None:
@@ -1004,13 +1132,20 @@ def main(argv=None) -> int:
         report.data.setdefault("errors", {})["run"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
     elapsed.end()
+    failures = list(report.data.get("output_check_failures") or [])
+    if status != "complete":
+        failures.insert(0, f"the run is {status}")
+    report.data["passed"] = not failures
+    report.data["failure"] = "; ".join(failures) or None
     report.write(status)
     try:
         print(summarise(report.data))
     except Exception as error:  # a report cut short: the JSON is what matters
         print(f"(no summary: {type(error).__name__}: {error})")
     print(f"wrote {report.path} ({status}) after {Elapsed.total():.1f} s")
-    return 0 if status == "complete" else 1
+    if failures:
+        print(f"FAILED: {report.data['failure']}")
+    return 0 if not failures else 1
 
 
 if __name__ == "__main__":

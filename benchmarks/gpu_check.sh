@@ -17,7 +17,8 @@
 #      (gpu-<date>-<model>-<device>.json for flux-dev and pixart-sigma) with the tests' exit code and
 #      summary in it.
 #
-# With OUT set, the JSON and the logs of b and c are copied into $OUT. The exit code is gpu_check.py's.
+# With OUT set, the JSON and the logs of b and c are copied into $OUT. The exit code is gpu_check.py's
+# (1 when the run did not complete or its output check failed: the JSON says "passed": false and why).
 # .whl/ is filled beforehand on a machine with pip and a network (the image has diffusers' other needs;
 # cache-dit, for --cache cache-dit, needs pyyaml and packaging besides diffusers and torch):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

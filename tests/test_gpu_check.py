@@ -52,7 +52,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_common(data: dict, batch: int = 2) -> None:
+def _check_common(data: dict, batch: int = 2, rounds: int = 1) -> None:
     for key in ("device", "torch", "date", "fast_path", "status"):
         assert isinstance(data[key], str), key
     assert data["triton"] is None or isinstance(data["triton"], str)
@@ -63,7 +63,20 @@ def _check_common(data: dict, batch: int = 2) -> None:
     assert _is_number(data["wall_seconds"]) and data["wall_seconds"] >= 0
     settings = data["settings"]
     assert settings["size"] == [256, 256] and settings["batch"] == batch and settings["dtype"] == "float32"
-    assert settings["rounds"] == 1
+    assert settings["rounds"] == rounds
+    tree = data["tree"]  # the commit that ran and whether the working tree differed from it
+    assert tree["commit"] == data["versions"]["commit"]
+    if tree["commit"] == "unknown":
+        assert tree["dirty"] == "unknown" and "git" in tree["note"]
+    else:
+        assert len(tree["commit"]) == 40 and isinstance(tree["dirty"], bool)
+        assert tree["dirty"] == bool(tree["changed"]) and len(tree["changed"]) <= 20
+        assert not any(p.startswith((".whl/", "benchmarks/results/")) for p in tree["changed"])
+    assert data["passed"] is True and data["failure"] is None and data["output_check_failures"] == []
+    tolerances = data["output_check_tolerances"]
+    assert _is_number(tolerances["fast_vs_eager"]) and _is_number(tolerances["backend_vs_torch"])
+    assert "instrumented generation" in data["per_step_source"]
+    assert data["memory"]["note"].startswith("null") and data["peak_memory_note"] == data["memory"]["note"]
     for key in ("seconds", "per_phase_ms", "peak_memory_bytes", "first_generation_seconds", "per_step_ms"):
         assert set(data[key]) == set(VARIANTS), key
     assert set(data["speedup"]) == set(data["realised_share"]) == set(SDTM_VARIANTS)
@@ -74,6 +87,11 @@ def _check_common(data: dict, batch: int = 2) -> None:
 
 def _check_variant(data: dict, name: str) -> None:
     assert _is_number(data["seconds"][name]) and data["seconds"][name] > 0
+    stats, rounds = data["seconds_stats"][name], data["round_seconds"][name]
+    assert stats["rounds"] == len(rounds) == data["settings"]["rounds"]
+    assert stats["min"] <= stats["median"] == data["seconds"][name] <= stats["max"]
+    assert stats["min"] == pytest.approx(min(rounds), abs=1e-5)
+    assert stats["max"] == pytest.approx(max(rounds), abs=1e-5)
     assert _is_number(data["first_generation_seconds"][name])
     phases = data["per_phase_ms"][name]
     assert set(phases) == set(PHASES)
@@ -89,9 +107,9 @@ def test_smoke_run_with_graphs_writes_every_key(tmp_path):
     """All six variants, the graphed path with sdtm.core.graphs' CPU stand-in capture, the test results of the
     shell script recorded, the JSON copied into $OUT."""
     out = tmp_path / "out"
-    data = _run(tmp_path, "--fast", "graphs", "--steps", "5", "--tests-exit-code", "0",
+    data = _run(tmp_path, "--fast", "graphs", "--steps", "5", "--rounds", "3", "--tests-exit-code", "0",
                 "--tests-summary", "3 passed in 1.00s", out=out)
-    _check_common(data)
+    _check_common(data, rounds=3)
     assert data["model"] == "sd3-medium" and data["settings"]["text_tokens"] == 333
     assert data["settings"]["switch_step"] == 20
     assert data["mac_ratio"] > 1 and data["mac_ratio_aggressive"] > 1  # steps 1, 2 and 4 merge
@@ -104,6 +122,14 @@ def test_smoke_run_with_graphs_writes_every_key(tmp_path):
         stats = data["graph_stats"][name]
         assert stats["graphs"] >= 1 and stats["replays"] >= 1 and stats["eager"] == 0
         assert data["output_check"][name]["relative_difference_vs_eager"] < 1e-5
+        assert data["output_check"][name]["within_tolerance"] is True
+    assert data["output_check_tolerances"]["fast_vs_eager"] == 0.01  # graph replay
+    # sdtm_eager (backend auto on the CPU) against one more generation with the torch backend
+    backend = data["output_check_backend"]
+    assert backend["checked"] is True and backend["reference_backend"] == "torch"
+    assert data["output_check"]["sdtm_eager"]["relative_difference_vs_torch_backend"] < 1e-3
+    assert data["output_check"]["sdtm_eager"]["within_backend_tolerance"] is True
+    assert "sdtm_eager_torch_backend" not in data["output_check"]
     assert json.loads((out / next((tmp_path / "results").glob("*.json")).name).read_text()) == data
 
 
@@ -172,6 +198,61 @@ def test_smoke_run_of_the_cache_variant(tmp_path, model, cache, batch, blocks):
     assert records["both_eager"]["skipped"] == 5 * blocks - computed["both_eager"]["computed_block_calls"]
     for name in CACHE_VARIANTS[1:]:
         assert _is_number(data["output_check"][name]["relative_difference_vs_unmerged"])
+
+
+def test_output_past_the_tolerances_fails_the_run(tmp_path, monkeypatch):
+    """An output off its reference beyond the tolerance: the JSON is written with "passed": false and the
+    reasons, and the exit code is 1."""
+    gpu_check = _gpu_check_module()
+    monkeypatch.setattr(gpu_check, "relative_difference", lambda a, b: 0.5)
+    monkeypatch.delenv("OUT", raising=False)
+    threads = str(torch.get_num_threads())
+    path = tmp_path / "check.json"
+    code = gpu_check.main(["--device", "cpu", "--tiny", "--fast", "graphs", "--steps", "2", "--skip-aggressive",
+                           "--json", str(path), "--threads", threads, "--backend-tolerance", "0.1"])
+    data = json.loads(path.read_text())
+    assert code == 1 and data["status"] == "complete" and data["passed"] is False
+    failures = data["output_check_failures"]
+    assert any(f.startswith("unmerged_fast:") and "0.01" in f for f in failures)
+    assert any(f.startswith("sdtm_fast:") for f in failures)
+    assert any("torch backend" in f and "0.1" in f for f in failures)
+    assert data["failure"] == "; ".join(failures)
+    assert data["output_check"]["sdtm_eager"]["within_backend_tolerance"] is False
+    assert data["output_check_tolerances"]["backend_vs_torch"] == 0.1
+
+
+def test_tree_state_is_unknown_without_git(monkeypatch):
+    gpu_check = _gpu_check_module()
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", no_git)
+    tree = gpu_check.tree_state()
+    assert tree["commit"] == "unknown" and tree["dirty"] == "unknown" and tree["changed"] is None
+    assert "FileNotFoundError" in tree["note"]
+
+
+def test_tree_state_leaves_out_the_wheels_and_the_results(monkeypatch):
+    gpu_check = _gpu_check_module()
+    porcelain = "?? .whl/diffusers.whl\n?? benchmarks/results/gpu-x.json\n M sdtm/core/ops.py\n"
+
+    def fake_git(command, **kwargs):
+        out = "a" * 40 if "rev-parse" in command else porcelain
+        return subprocess.CompletedProcess(command, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_git)
+    tree = gpu_check.tree_state()
+    assert tree["commit"] == "a" * 40 and tree["dirty"] is True and tree["changed"] == ["sdtm/core/ops.py"]
+    porcelain = "?? .whl/diffusers.whl\n"
+    assert gpu_check.tree_state()["dirty"] is False
+
+
+def test_rounds_default_to_five_on_a_gpu_run():
+    gpu_check = _gpu_check_module()
+    threads = str(torch.get_num_threads())
+    args = gpu_check.resolve(gpu_check.parse_args(["--device", "cpu", "--threads", threads]))
+    assert args.rounds == 5
 
 
 def test_fbcache_is_refused_for_sd3_medium(capsys):
