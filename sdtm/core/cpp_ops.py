@@ -87,7 +87,7 @@ def _idm_plan_fake(score, best, src_idx, dst_idx, num_tokens, r, pseudo_merge):
 def _idm_candidates(grid: Grid, merge_age: torch.Tensor | None,
                     fallback_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``sdtm.core.plans.idm_destinations`` then ``idm_candidates`` as one compiled op (same arguments as
-    ``sdtm.core.ops.idm_candidates``, identical indices)."""
+    ``sdtm.core.opset.idm_candidates``, identical indices)."""
     return torch.ops.sdtm.idm_candidates(merge_age, fallback_position, grid.height, grid.width, grid.sy, grid.sx)
 
 

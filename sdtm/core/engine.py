@@ -12,7 +12,7 @@ import torch
 
 from .ops import TORCH_OPS, OpSet
 from .plans import MergePlan, advance_merge_age_, merge_age_priority
-from .schedule import BlockAction, BlockMode, Phase
+from .schedule import BlockAction, Phase
 from .state import BlockLink
 
 

@@ -14,7 +14,7 @@ import os
 import torch
 
 from . import reference
-from .opset import OP_NAMES, OpSet, idm_candidates  # noqa: F401  (re-exported)
+from .opset import OP_NAMES, OpSet
 
 TORCH_OPS = OpSet("torch", *(getattr(reference, op) for op in OP_NAMES))
 

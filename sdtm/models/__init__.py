@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..core.families import adapter_for, register_family
 from .base import CallInfo, ModelAdapter
 from .flux import FluxAdapter

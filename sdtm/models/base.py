@@ -9,9 +9,6 @@ from typing import Any, Callable
 import torch
 
 
-from ..core.config import DEFAULT_SWITCH_STEP  # noqa: F401  (re-exported)
-
-
 @dataclass(frozen=True)
 class CallInfo:
     """What one transformer call tells SDTM: its timestep, the image-token grid (rows x columns), the
