@@ -135,3 +135,17 @@ def op_inputs(shape, dtype, device="cpu", seed=0):
     age = torch.randint(0, 5, (b, h * w), generator=g, dtype=torch.int32)
     prio = age.float() / (age.float().mean(1, keepdim=True) + 1e-6)
     return Grid(h, w, sy, sx), x.to(device), prio.to(device), g
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    """Dynamo reset and its counters cleared around a test; a frame that needs more variants than the
+    recompile limit fails instead of silently falling back to eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+    counters.clear()

@@ -10,24 +10,13 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from support import SD3_SPEC, generate, relative_difference, requires_cpp
+from support import SD3_SPEC, fresh_dynamo, generate, relative_difference, requires_cpp  # noqa: F401  (fixture)
 from sdtm import apply_SDTM, sdtm_state
 from sdtm.tiny import tiny_pipeline
 
 # Both phases and protected steps within a few steps; use_rand on (randomness drawn outside the graphs).
 SETTINGS = dict(ratio=0.5, switch_step=3, protect_steps_frequency=3, use_rand=True)
 BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp)]
-
-
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    # A frame that needs more variants than the limit would silently fall back to eager: make it fail.
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
-    torch._dynamo.reset()
-    counters.clear()
 
 
 def _graphs() -> int:

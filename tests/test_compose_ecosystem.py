@@ -29,7 +29,7 @@ from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
 from diffusers.hooks import apply_group_offloading
 
-from support import FAMILY_PIPELINES, make_pipeline, relative_difference, run_pipeline
+from support import FAMILY_PIPELINES, fresh_dynamo, make_pipeline, relative_difference, run_pipeline  # noqa: F401
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.core.hooks import SDTM_HOOK
 
@@ -302,16 +302,6 @@ def test_offloading_and_casting_compose_in_either_order(family, kind, order):
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Regional compilation
-
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
-    torch._dynamo.reset()
-    counters.clear()
-
 
 def _compile_blocks(pipe, family):
     transformer = pipe.transformer
