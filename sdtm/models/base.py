@@ -11,9 +11,9 @@ import torch
 
 @dataclass(frozen=True)
 class CallInfo:
-    """What one transformer call tells SDTM: its timestep, the image-token grid (rows x columns), the
-    batch and the device of the image tokens. ``timestep * timestep_scale`` is in the scheduler's units
-    (Flux is called with a thousandth of them)."""
+    """What one transformer call tells SDTM: its timestep, the image-token grid (``frames`` frames of
+    rows x columns, frame-major; 1 frame for images), the batch and the device of the image tokens.
+    ``timestep * timestep_scale`` is in the scheduler's units (Flux is called with a thousandth of them)."""
 
     timestep: torch.Tensor | float
     grid_height: int
@@ -21,6 +21,7 @@ class CallInfo:
     batch: int
     device: torch.device
     timestep_scale: float = 1.0
+    frames: int = 1
 
 
 class ModelAdapter:
