@@ -10,8 +10,11 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// Ops that find tokens by window take the grid as frames x grid_h x grid_w and windows st x sy x sx
+// (csrc/cpu/window_grid.h); images have frames = st = 1.
 TORCH_LIBRARY(sdtm, m) {
-  m.def("window_scores(Tensor x, Tensor? priority, int grid_h, int grid_w, int sy, int sx, float a_s) -> Tensor");
+  m.def("window_scores(Tensor x, Tensor? priority, int grid_h, int grid_w, int sy, int sx, float a_s, int frames=1, "
+      "int st=1) -> Tensor");
   m.def("bipartite_match(Tensor x, Tensor src_idx, Tensor dst_idx, Tensor? priority, float a_d) -> (Tensor, Tensor)");
   m.def("merge(Tensor x, Tensor slot, Tensor members, Tensor offsets, bool pseudo_merge) -> Tensor");
   m.def(
@@ -29,12 +32,12 @@ TORCH_LIBRARY(sdtm, m) {
   // The structure-phase plan (sdtm.core.plans.ssm_plan): (slot, blend, members, offsets, independent).
   m.def(
       "ssm_plan(Tensor window_scores, Tensor dst_position, int grid_h, int grid_w, int sy, int sx, int n_win, "
-      "bool pseudo_merge) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool pseudo_merge, int frames=1, int st=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The detail phase's candidates (sdtm.core.plans.idm_destinations then idm_candidates): (src_idx, dst_idx),
   // destinations by merge age when given, else at dst_position.
   m.def(
-      "idm_candidates(Tensor? merge_age, Tensor? dst_position, int grid_h, int grid_w, int sy, int sx) "
-      "-> (Tensor, Tensor)");
+      "idm_candidates(Tensor? merge_age, Tensor? dst_position, int grid_h, int grid_w, int sy, int sx, "
+      "int frames=1, int st=1) -> (Tensor, Tensor)");
   // The detail-phase plan (sdtm.core.plans.idm_plan, r sources merged): (slot, blend, members, offsets, independent).
   m.def(
       "idm_plan(Tensor score, Tensor best, Tensor src_idx, Tensor dst_idx, int num_tokens, SymInt r, "

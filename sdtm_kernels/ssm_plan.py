@@ -21,27 +21,29 @@ from ._common import check_device
 @triton.jit
 def _ssm_plan_kernel(
     selected_ptr, group_ptr, dst_ptr, slot_ptr, blend_ptr, members_ptr, independent_ptr,
-    num_tokens, grid_w, complete_h, complete_w, windows_x, num_windows, num_unmerged,
-    SY: tl.constexpr, SX: tl.constexpr, PSEUDO: tl.constexpr, BLOCK_N: tl.constexpr,
+    num_tokens, frame_tokens, grid_w, complete_frames, complete_h, complete_w, windows_x, windows_per_block,
+    num_windows, num_unmerged,
+    ST: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr, PSEUDO: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     n = tl.arange(0, BLOCK_N)
     valid = n < num_tokens
-    row = n // grid_w
+    frame = n // frame_tokens
+    row = (n % frame_tokens) // grid_w
     col = n % grid_w
-    complete = valid & (row < complete_h) & (col < complete_w)
-    window = tl.where(complete, (row // SY) * windows_x + col // SX, num_windows)
+    complete = valid & (frame < complete_frames) & (row < complete_h) & (col < complete_w)
+    window = tl.where(complete, (frame // ST) * windows_per_block + (row // SY) * windows_x + col // SX, num_windows)
     base = b * (num_windows + 1)
     merged = (tl.load(selected_ptr + base + window, mask=valid, other=0) != 0) & valid
     group = tl.load(group_ptr + base + window, mask=valid, other=0)
     dst = tl.load(dst_ptr + base + window, mask=valid, other=0)
-    position = (row % SY) * SX + col % SX
+    position = (frame % ST) * SY * SX + (row % SY) * SX + col % SX
     unmerged = valid & ~merged
     unmerged_row = tl.cumsum(unmerged.to(tl.int64), axis=0) - 1
     is_dst = merged & (position == dst)
     place = tl.where(is_dst, 0, position + (position < dst).to(tl.int64))
     slot = tl.where(merged, num_unmerged + group, unmerged_row)
-    member_index = tl.where(merged, num_unmerged + SY * SX * group + place, unmerged_row)
+    member_index = tl.where(merged, num_unmerged + ST * SY * SX * group + place, unmerged_row)
     out = b * num_tokens
     tl.store(slot_ptr + out + n, slot, mask=valid)
     tl.store(blend_ptr + out + n, merged, mask=valid)
@@ -74,9 +76,10 @@ def ssm_plan(
     block_n = triton.next_power_of_2(grid.num_tokens)
     _ssm_plan_kernel[(batch,)](
         selected, group, dst.contiguous(), slot, blend, members, independent,
-        grid.num_tokens, grid.width, grid.height // grid.sy * grid.sy, grid.width // grid.sx * grid.sx,
-        grid.width // grid.sx, num_windows, num_unmerged,
-        SY=grid.sy, SX=grid.sx, PSEUDO=bool(pseudo_merge), BLOCK_N=block_n,
+        grid.num_tokens, grid.height * grid.width, grid.width, grid.frames // grid.st * grid.st,
+        grid.height // grid.sy * grid.sy, grid.width // grid.sx * grid.sx, grid.width // grid.sx,
+        (grid.height // grid.sy) * (grid.width // grid.sx), num_windows, num_unmerged,
+        ST=grid.st, SY=grid.sy, SX=grid.sx, PSEUDO=bool(pseudo_merge), BLOCK_N=block_n,
         # A whole sample per program: 4096 tokens over 8 warps is 16 values a thread per array.
         num_warps=8 if block_n <= 4096 else 16,
     )

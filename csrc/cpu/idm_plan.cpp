@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "window_grid.h"
 
 namespace sdtm {
 namespace {
@@ -49,12 +50,12 @@ inline int64_t first_argmax(int64_t k, Value v) {
 
 std::tuple<at::Tensor, at::Tensor> idm_candidates_cpu(const c10::optional<at::Tensor>& merge_age,
                                                       const c10::optional<at::Tensor>& dst_position, int64_t grid_h,
-                                                      int64_t grid_w, int64_t sy, int64_t sx) {
-  TORCH_CHECK(sy >= 1 && sx >= 1 && grid_h >= 0 && grid_w >= 0, "grid and window sizes must be positive");
+                                                      int64_t grid_w, int64_t sy, int64_t sx, int64_t frames,
+                                                      int64_t st) {
+  const WindowGrid grid = checked_grid(grid_h, grid_w, sy, sx, frames, st);
   TORCH_CHECK(merge_age.has_value() || dst_position.has_value(),
               "idm_candidates needs a merge age or the destination positions");
-  const int64_t windows_y = grid_h / sy, windows_x = grid_w / sx, windows = windows_y * windows_x;
-  const int64_t k = sy * sx, tokens = grid_h * grid_w;
+  const int64_t windows = grid.windows(), k = grid.window_size(), tokens = grid.tokens();
   const bool by_age = merge_age.has_value();
   at::Tensor age, given;
   int64_t batch;
@@ -84,8 +85,7 @@ std::tuple<at::Tensor, at::Tensor> idm_candidates_cpu(const c10::optional<at::Te
     at::parallel_for(0, batch * windows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t bw = begin; bw < end; ++bw) {
         const int64_t b = bw / windows, w = bw % windows;
-        const int64_t first = (w / windows_x) * sy * grid_w + (w % windows_x) * sx;  // top-left token
-        auto token = [&](int64_t p) { return first + (p / sx) * grid_w + p % sx; };
+        auto token = [&](int64_t p) { return grid.token(w, p); };
         const int64_t d = destination(b, w, token);
         TORCH_CHECK(d >= 0 && d < k, "dst_position must lie in [0, K=", k, "), got ", d);
         dst_out[bw] = token(d);

@@ -11,21 +11,23 @@
 #include <tuple>
 #include <vector>
 
+#include "window_grid.h"
+
 namespace sdtm {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssm_plan_cpu(
     const at::Tensor& scores_in, const at::Tensor& dst_in, int64_t grid_h, int64_t grid_w, int64_t sy, int64_t sx,
-    int64_t n_win, bool pseudo_merge) {
+    int64_t n_win, bool pseudo_merge, int64_t frames, int64_t st) {
   TORCH_CHECK(scores_in.dim() == 2 && scores_in.device().is_cpu(), "window_scores must be a [B, W] CPU tensor, got ",
               scores_in.sizes());
-  TORCH_CHECK(sy >= 1 && sx >= 1 && grid_h >= 0 && grid_w >= 0, "grid and window sizes must be positive");
-  const int64_t batch = scores_in.size(0), windows_x = grid_w / sx, windows = (grid_h / sy) * windows_x;
+  const WindowGrid grid = checked_grid(grid_h, grid_w, sy, sx, frames, st);
+  const int64_t batch = scores_in.size(0), windows = grid.windows();
   TORCH_CHECK(scores_in.size(1) == windows, "window_scores must be [B, W=", windows, "], got ", scores_in.sizes());
   TORCH_CHECK(dst_in.sizes() == scores_in.sizes() && dst_in.scalar_type() == at::kLong,
               "dst_position must be int64 [B, W] like window_scores, got ", dst_in.sizes());
   TORCH_CHECK(n_win >= 0 && n_win <= windows, "n_win must lie in [0, W=", windows, "], got ", n_win);
-  const int64_t k = sy * sx, tokens = grid_h * grid_w, unmerged_rows = tokens - n_win * k;
+  const int64_t k = grid.window_size(), tokens = grid.tokens(), unmerged_rows = tokens - n_win * k;
   const at::Tensor scores = scores_in.to(at::kFloat).contiguous();
   const at::Tensor dst = dst_in.contiguous();
   auto long_options = dst.options().dtype(at::kLong);
@@ -55,9 +57,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssm_plan_
       }
       int64_t next_unmerged = 0;
       for (int64_t n = 0; n < tokens; ++n) {
-        const int64_t row = n / grid_w, col = n % grid_w;
-        const bool complete = row < grid_h / sy * sy && col < windows_x * sx;
-        const int64_t w = complete ? (row / sy) * windows_x + col / sx : -1;
+        int64_t position = 0;
+        const int64_t w = grid.window_of(n, &position);
         const int64_t g = w >= 0 ? group[w] : -1;
         const int64_t out = b * tokens + n;
         if (g < 0) {
@@ -68,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ssm_plan_
           ++next_unmerged;
           continue;
         }
-        const int64_t position = (row % sy) * sx + col % sx, dst_position = position_of_dst[b * windows + w];
+        const int64_t dst_position = position_of_dst[b * windows + w];
         const bool is_dst = position == dst_position;
         const int64_t place = is_dst ? 0 : position + (position < dst_position ? 1 : 0);
         slot_out[out] = unmerged_rows + g;

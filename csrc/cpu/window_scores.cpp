@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "window_grid.h"
 
 namespace sdtm {
 namespace {
@@ -18,10 +19,10 @@ namespace {
 constexpr double kCosineEps = 1e-8;  // torch.nn.functional.cosine_similarity's eps
 
 template <typename scalar_t>
-void window_scores_kernel(const at::Tensor& x, const float* priority, int64_t grid_w, int64_t sy, int64_t sx,
-                          double a_s, at::Tensor& out) {
+void window_scores_kernel(const at::Tensor& x, const float* priority, const WindowGrid& grid, double a_s,
+                          at::Tensor& out) {
   const int64_t batch = x.size(0), tokens = x.size(1), channels = x.size(2);
-  const int64_t windows_x = grid_w / sx, windows = out.size(1), k = sy * sx;
+  const int64_t windows = out.size(1), k = grid.window_size();
   const scalar_t* data = x.data_ptr<scalar_t>();
   float* result = out.data_ptr<float>();
 
@@ -31,9 +32,7 @@ void window_scores_kernel(const at::Tensor& x, const float* priority, int64_t gr
     std::vector<int64_t> token(k);
     for (int64_t bw = begin; bw < end; ++bw) {
       const int64_t b = bw / windows, w = bw % windows;
-      const int64_t wy = w / windows_x, wx = w % windows_x;
-      for (int64_t dy = 0; dy < sy; ++dy)
-        for (int64_t dx = 0; dx < sx; ++dx) token[dy * sx + dx] = (wy * sy + dy) * grid_w + wx * sx + dx;
+      for (int64_t p = 0; p < k; ++p) token[p] = grid.token(w, p);
       for (int64_t i = 0; i < k; ++i) {
         const scalar_t* src = data + (b * tokens + token[i]) * channels;
         float* dst = rows.data() + i * channels;
@@ -69,21 +68,22 @@ void window_scores_kernel(const at::Tensor& x, const float* priority, int64_t gr
 }
 
 at::Tensor window_scores_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& priority_in, int64_t grid_h,
-                             int64_t grid_w, int64_t sy, int64_t sx, double a_s) {
+                             int64_t grid_w, int64_t sy, int64_t sx, double a_s, int64_t frames, int64_t st) {
   check_tokens(x_in, "x");
-  TORCH_CHECK(sy >= 1 && sx >= 1 && sy * sx >= 2, "window must hold at least 2 tokens, got sy=", sy, " sx=", sx);
-  TORCH_CHECK(grid_h >= 0 && grid_w >= 0 && grid_h * grid_w == x_in.size(1), "grid ", grid_h, "x", grid_w,
-              " does not match N=", x_in.size(1));
+  const WindowGrid grid = checked_grid(grid_h, grid_w, sy, sx, frames, st);
+  TORCH_CHECK(grid.window_size() >= 2, "window must hold at least 2 tokens, got st=", st, " sy=", sy, " sx=", sx);
+  TORCH_CHECK(grid.tokens() == x_in.size(1), "grid ", frames, "x", grid_h, "x", grid_w, " does not match N=",
+              x_in.size(1));
   check_priority(priority_in, x_in.size(0), x_in.size(1));
   const at::Tensor x = x_in.contiguous();
   at::Tensor priority;
   if (priority_in.has_value()) priority = priority_in->to(at::kFloat).contiguous();
-  const int64_t windows = (grid_h / sy) * (grid_w / sx);
+  const int64_t windows = grid.windows();
   at::Tensor out = at::empty({x.size(0), windows}, x.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const float* p = priority.defined() ? priority.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "window_scores", [&] {
-    window_scores_kernel<scalar_t>(x, p, grid_w, sy, sx, a_s, out);
+    window_scores_kernel<scalar_t>(x, p, grid, a_s, out);
   });
   return out;
 }

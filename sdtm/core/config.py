@@ -28,7 +28,9 @@ class SDTMConfig:
         seed: seed of SDTM's own generator of those random destinations, reseeded at the start of every
             generation, so the same inputs give the same image whatever torch's global RNG did (the
             reference forks the global RNG instead). 0.
-        sx, sy: window width and height in tokens (K = sx * sy >= 2 tokens per window). 2, 2.
+        sx, sy: window width and height in tokens (K = st * sx * sy >= 2 tokens per window). 2, 2.
+        st: window depth in frames, for video (frames x height x width token grids); 1 keeps every
+            window inside one frame, the only value images have. 1.
         a_s: weight of the merge-age priority in the SSM window score. 0.05.
         a_d: weight of the merge-age priority in the IDM source score. 0.05.
         a_p: accepted for compatibility with the reference implementation, unused (as there). 2.
@@ -56,6 +58,7 @@ class SDTMConfig:
     seed: int = 0
     sx: int = 2
     sy: int = 2
+    st: int = 1
     a_s: float = 0.05
     a_d: float = 0.05
     a_p: float = 2
@@ -86,9 +89,10 @@ class SDTMConfig:
         _check_int("seed", self.seed, minimum=0)
         _check_int("sx", self.sx, minimum=1)
         _check_int("sy", self.sy, minimum=1)
-        if self.sx * self.sy < 2:
+        _check_int("st", self.st, minimum=1)
+        if self.st * self.sx * self.sy < 2:
             raise ValueError(
-                f"a window must hold at least 2 tokens, got sx={self.sx} and sy={self.sy}; "
+                f"a window must hold at least 2 tokens, got st={self.st}, sx={self.sx} and sy={self.sy}; "
                 "use e.g. sx=2, sy=2."
             )
         for name in ("protect_steps_frequency", "protect_layers_frequency"):
@@ -104,7 +108,7 @@ class SDTMConfig:
     @property
     def window_size(self) -> int:
         """K, the number of tokens in a complete window."""
-        return self.sx * self.sy
+        return self.st * self.sx * self.sy
 
     def resolved(self, num_steps: int, structure_share: float | None = None) -> "SDTMConfig":
         """A ``switch_step`` of None replaced for ``num_steps`` steps: the last step of the first

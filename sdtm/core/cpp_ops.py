@@ -12,8 +12,8 @@ from .schedule import sources_to_merge, windows_to_merge
 
 
 @torch.library.register_fake("sdtm::window_scores")
-def _window_scores_fake(x, priority, grid_h, grid_w, sy, sx, a_s):
-    return x.new_empty((x.shape[0], (grid_h // sy) * (grid_w // sx)), dtype=torch.float32)
+def _window_scores_fake(x, priority, grid_h, grid_w, sy, sx, a_s, frames=1, st=1):
+    return x.new_empty((x.shape[0], Grid(grid_h, grid_w, sy, sx, frames, st).num_windows), dtype=torch.float32)
 
 
 @torch.library.register_fake("sdtm::bipartite_match")
@@ -49,11 +49,12 @@ def _norm_modulate_merge_fake(x, shift, scale, eps, slot, members, offsets, pseu
 
 
 @torch.library.register_fake("sdtm::ssm_plan")
-def _ssm_plan_fake(window_scores, dst_position, grid_h, grid_w, sy, sx, n_win, pseudo_merge):
-    batch, tokens = window_scores.shape[0], grid_h * grid_w
+def _ssm_plan_fake(window_scores, dst_position, grid_h, grid_w, sy, sx, n_win, pseudo_merge, frames=1, st=1):
+    grid = Grid(grid_h, grid_w, sy, sx, frames, st)
+    batch, tokens = window_scores.shape[0], grid.num_tokens
     index = window_scores.new_empty((batch, tokens), dtype=torch.int64)
     flag = window_scores.new_empty((batch, tokens), dtype=torch.bool)
-    offsets = window_scores.new_empty((batch, tokens - n_win * (sy * sx - 1) + 1), dtype=torch.int64)
+    offsets = window_scores.new_empty((batch, tokens - n_win * (grid.window_size - 1) + 1), dtype=torch.int64)
     return index, flag, torch.empty_like(index), offsets, torch.empty_like(flag)
 
 
@@ -62,16 +63,18 @@ def _ssm_plan(window_scores: torch.Tensor, grid: Grid, reduce_num: int, dst_posi
     """``sdtm.core.plans.ssm_plan`` as one compiled op (same arguments, identical plan)."""
     n_win = windows_to_merge(reduce_num, grid.window_size, window_scores.shape[1])
     slot, blend, members, offsets, independent = torch.ops.sdtm.ssm_plan(
-        window_scores, dst_position, grid.height, grid.width, grid.sy, grid.sx, n_win, pseudo_merge
+        window_scores, dst_position, grid.height, grid.width, grid.sy, grid.sx, n_win, pseudo_merge, grid.frames,
+        grid.st,
     )
     return MergePlan(slot=slot, blend=blend, members=members, offsets=offsets, independent=independent)
 
 
 @torch.library.register_fake("sdtm::idm_candidates")
-def _idm_candidates_fake(merge_age, dst_position, grid_h, grid_w, sy, sx):
+def _idm_candidates_fake(merge_age, dst_position, grid_h, grid_w, sy, sx, frames=1, st=1):
     like = merge_age if merge_age is not None else dst_position
-    windows = (grid_h // sy) * (grid_w // sx)
-    src_idx = like.new_empty((like.shape[0], windows * (sy * sx - 1)), dtype=torch.int64)
+    grid = Grid(grid_h, grid_w, sy, sx, frames, st)
+    windows = grid.num_windows
+    src_idx = like.new_empty((like.shape[0], windows * (grid.window_size - 1)), dtype=torch.int64)
     return src_idx, like.new_empty((like.shape[0], windows), dtype=torch.int64)
 
 
@@ -88,7 +91,9 @@ def _idm_candidates(grid: Grid, merge_age: torch.Tensor | None,
                     fallback_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``sdtm.core.plans.idm_destinations`` then ``idm_candidates`` as one compiled op (same arguments as
     ``sdtm.core.opset.idm_candidates``, identical indices)."""
-    return torch.ops.sdtm.idm_candidates(merge_age, fallback_position, grid.height, grid.width, grid.sy, grid.sx)
+    return torch.ops.sdtm.idm_candidates(
+        merge_age, fallback_position, grid.height, grid.width, grid.sy, grid.sx, grid.frames, grid.st
+    )
 
 
 def _idm_plan(grid: Grid, reduce_num: int, src_idx: torch.Tensor, dst_idx: torch.Tensor, score: torch.Tensor,

@@ -23,7 +23,7 @@ def begin_block(link: BlockLink, hidden_states: torch.Tensor) -> BlockAction:
     if hidden_states.shape[1] != grid.num_tokens:
         raise ValueError(
             f"the block got {hidden_states.shape[1]} image tokens but the latent grid is "
-            f"{grid.height}x{grid.width}={grid.num_tokens} tokens."
+            f"{grid.describe()}={grid.num_tokens} tokens."
         )
     batch = link.stream.merge_age.shape[0]
     if hidden_states.shape[0] != batch:
@@ -49,7 +49,9 @@ def compute_plan(link: BlockLink, metric: torch.Tensor, ops: OpSet) -> MergePlan
         drawn = torch.zeros(batch, grid.num_windows, dtype=torch.int64, device=metric.device)
 
     if action.phase is Phase.STRUCTURE:
-        scores = ops.window_scores(metric, priority, grid.height, grid.width, grid.sy, grid.sx, config.a_s)
+        scores = ops.window_scores(
+            metric, priority, grid.height, grid.width, grid.sy, grid.sx, config.a_s, grid.frames, grid.st
+        )
         plan = ops.ssm_plan(scores, grid, reduce_num, drawn, config.pseudo_merge)
     else:
         src_idx, dst_idx = ops.idm_candidates(grid, age if link.age_exists else None, drawn)

@@ -82,14 +82,17 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
     if not isinstance(config, SDTMConfig):
         raise TypeError(f"config must be an SDTMConfig, got {type(config).__name__}.")
     check_backend(config.backend)
-    transformer = _find_transformer(module)
-    adapter = adapter_for(transformer)
-    blocks = adapter.blocks(transformer)
-    timesteps_source = _timesteps_source(module, scheduler)
-    patch_size = getattr(getattr(transformer, "config", None), "patch_size", None)
-    if not isinstance(patch_size, int):
-        raise ValueError("the transformer has no integer config.patch_size; SDTM needs the token grid.")
+    transformers = _find_transformers(module)
+    prepared = [(t, adapter_for(t)) for t in transformers]
+    for transformer, adapter in prepared:  # refuse before patching anything
+        adapter.blocks(transformer)
+    for transformer, adapter in prepared:
+        _patch(transformer, adapter, config, _timesteps_source(module, scheduler, transformer))
+    return module
 
+
+def _patch(transformer: torch.nn.Module, adapter: Any, config: SDTMConfig, timesteps_source: Any) -> None:
+    blocks = adapter.blocks(transformer)
     remove_sdtm(transformer)
     _refuse_batch_changing_caches(transformer)
     state = SDTMState(config=config, num_layers=len(blocks), timesteps_source=timesteps_source)
@@ -104,7 +107,6 @@ def apply_sdtm(module: Any, config: SDTMConfig | None = None, scheduler: Any = N
     if config.cuda_graphs and graphs.graph_stats(transformer) is None:
         graphs.enable_cuda_graphs(transformer)
         transformer._sdtm_enabled_graphs = True
-    return module
 
 
 def remove_SDTM(pipe: Any) -> Any:
@@ -115,7 +117,12 @@ def remove_SDTM(pipe: Any) -> Any:
 
 def remove_sdtm(module: Any) -> Any:
     """Undo ``apply_sdtm`` on a pipeline or transformer; returns it."""
-    transformer = _find_transformer(module)
+    for transformer in _find_transformers(module):
+        _unpatch(transformer)
+    return module
+
+
+def _unpatch(transformer: torch.nn.Module) -> None:
     hook = getattr(transformer, "_sdtm_hook", None)
     if hook is not None:
         hook.remove()
@@ -129,13 +136,22 @@ def remove_sdtm(module: Any) -> Any:
     for submodule in transformer.modules():
         hooks.detach(submodule)
     _invalidate_registry_caches(transformer)
-    return module
 
 
 def sdtm_state(module: Any) -> SDTMState | None:
     """The SDTM state of a patched pipeline or transformer (None if unpatched): current step, caches,
     merge age and per-block token counts of the last generation (``records``)."""
     return getattr(_find_transformer(module), "_sdtm_state", None)
+
+
+def _find_transformers(module: Any) -> list[torch.nn.Module]:
+    """The transformer of a pipeline (and its second expert ``transformer_2``, as Wan 2.2 has: each
+    denoises its own range of steps), or the transformer given."""
+    transformers = [_find_transformer(module)]
+    second = None if isinstance(module, torch.nn.Module) else getattr(module, "transformer_2", None)
+    if isinstance(second, torch.nn.Module) and second is not transformers[0]:
+        transformers.append(second)
+    return transformers
 
 
 def _find_transformer(module: Any) -> torch.nn.Module:
@@ -153,14 +169,14 @@ def _find_transformer(module: Any) -> torch.nn.Module:
     return transformer
 
 
-def _timesteps_source(module: Any, scheduler: Any) -> Callable[[], torch.Tensor | None] | None:
+def _timesteps_source(module: Any, scheduler: Any, transformer: torch.nn.Module) -> Callable[[], torch.Tensor | None] | None:
     if scheduler is not None:
         if not hasattr(scheduler, "timesteps"):
             raise TypeError(f"scheduler must have a .timesteps attribute, got {type(scheduler).__name__}.")
         return SchedulerTimesteps(scheduler)
     if isinstance(module, torch.nn.Module) or not hasattr(module, "scheduler"):
         return None
-    return PipelineTimesteps(module, _find_transformer(module))
+    return PipelineTimesteps(module, transformer)
 
 
 class SchedulerTimesteps:
@@ -285,7 +301,7 @@ def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 "blocks that ran when it was captured, so it would replay them. Use CUDA graphs or the step "
                 "cache, not both (apply_SDTM(..., cuda_graphs=False))."
             )
-        state.begin_call(call.timestep, call.grid_height, call.grid_width, call.timestep_scale)
+        state.begin_call(call.timestep, call.grid_height, call.grid_width, call.timestep_scale, call.frames)
         dtype = compute_dtype(state.links[0].block, call.device)
         state.prepare_blocks(call.batch, adapter.channels(module), dtype, call.device, autograd)
     return None

@@ -43,24 +43,43 @@ class MergePlan:
 
 @dataclass(frozen=True)
 class Grid:
-    """The image token grid and its windows: ``height`` x ``width`` tokens, windows ``sy`` x ``sx``."""
+    """The image token grid and its windows: ``frames`` frames of ``height`` x ``width`` tokens,
+    frame-major (images: 1 frame), windows of ``st`` frames x ``sy`` rows x ``sx`` columns
+    (``reference.window_tokens`` orders them). Windows never cross a frame's borders: with st = 1 each
+    frame is tiled on its own, its last rows and columns left out when they do not fill a window."""
 
     height: int
     width: int
     sy: int
     sx: int
+    frames: int = 1
+    st: int = 1
 
     @property
     def num_tokens(self) -> int:
-        return self.height * self.width
+        return self.frames * self.height * self.width
 
     @property
     def window_size(self) -> int:
-        return self.sy * self.sx
+        return self.st * self.sy * self.sx
 
     @property
     def num_windows(self) -> int:
-        return (self.height // self.sy) * (self.width // self.sx)
+        return (self.frames // self.st) * (self.height // self.sy) * (self.width // self.sx)
+
+    def window_table(self, device) -> torch.Tensor:
+        """[W, K] int64 token indices of the complete windows (``reference.window_tokens``; cached)."""
+        return window_tokens(self.height, self.width, self.sy, self.sx, device, self.frames, self.st)
+
+    def describe(self) -> str:
+        """The grid as text: "HxW" for an image, "FxHxW" for a video."""
+        plane = f"{self.height}x{self.width}"
+        return plane if self.frames == 1 else f"{self.frames}x{plane}"
+
+    def describe_window(self) -> str:
+        """The window as text: "sy x sx" (rows x columns), with the frames first when st > 1."""
+        plane = f"{self.sy}x{self.sx}"
+        return plane if self.st == 1 else f"{self.st}x{plane}"
 
 
 def merge_age_priority(merge_age: torch.Tensor | None) -> torch.Tensor | None:
@@ -87,7 +106,7 @@ def advance_merge_age_(merge_age: torch.Tensor, plan: MergePlan) -> None:
 def _window_layout(grid: Grid, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every token: its window (-1 outside complete windows) and position inside it; plus the table.
     Cached per grid and device (read-only)."""
-    table = window_tokens(grid.height, grid.width, grid.sy, grid.sx, device)  # [W, K]
+    table = grid.window_table(device)  # [W, K]
     window_of = torch.full((grid.num_tokens,), -1, dtype=torch.int64, device=device)
     position_of = torch.zeros(grid.num_tokens, dtype=torch.int64, device=device)
     window_of[table] = torch.arange(table.shape[0], device=device).unsqueeze(1).expand_as(table)
@@ -210,7 +229,7 @@ def idm_destinations(
     largest merge age (first on ties), or ``fallback_position`` while no merge age exists."""
     if merge_age is None:
         return fallback_position
-    table = window_tokens(grid.height, grid.width, grid.sy, grid.sx, merge_age.device)
+    table = grid.window_table(merge_age.device)
     return merge_age[:, table].argmax(dim=-1)
 
 
@@ -219,7 +238,7 @@ def idm_candidates(grid: Grid, dst_position: torch.Tensor) -> tuple[torch.Tensor
 
     Returns src_idx [B, W * (K - 1)] (window order, then position order) and dst_idx [B, W] token indices.
     """
-    table = window_tokens(grid.height, grid.width, grid.sy, grid.sx, dst_position.device)  # [W, K]
+    table = grid.window_table(dst_position.device)  # [W, K]
     batch = dst_position.shape[0]
     tokens = table.expand(batch, -1, -1)  # [B, W, K]
     dst_idx = tokens.gather(2, dst_position.unsqueeze(-1)).squeeze(-1)

@@ -16,16 +16,24 @@ COSINE_EPS = 1e-8  # the eps of torch.nn.functional.cosine_similarity
 
 
 @eager_cache(maxsize=64)
-def window_tokens(grid_h: int, grid_w: int, sy: int, sx: int, device=None) -> torch.Tensor:
-    """Token indices of the complete windows, row-major over windows and inside each window.
+def window_tokens(
+    grid_h: int, grid_w: int, sy: int, sx: int, device=None, frames: int = 1, st: int = 1
+) -> torch.Tensor:
+    """Token indices of the complete windows, in window order and position order inside each window.
 
-    Returns [W, K] int64 with W = (grid_h // sy) * (grid_w // sx), K = sy * sx; token n = row * grid_w + col.
-    Tokens of incomplete border windows appear nowhere. Cached per grid and device: treat as read-only.
+    The grid is ``frames`` frames of grid_h x grid_w tokens, frame-major (token n = (frame * grid_h + row)
+    * grid_w + col); a window is st frames x sy rows x sx columns. Windows are ordered by frame block,
+    then row-major inside a frame; positions by frame, then row-major. Images have frames = st = 1.
+    Returns [W, K] int64 with W = (frames // st) * (grid_h // sy) * (grid_w // sx), K = st * sy * sx.
+    Tokens of incomplete border windows (the last rows and columns of every frame, the last frames) appear
+    nowhere. Cached per grid and device: treat as read-only.
     """
-    rows = torch.arange(grid_h // sy * sy, device=device).view(grid_h // sy, 1, sy, 1)
-    cols = torch.arange(grid_w // sx * sx, device=device).view(1, grid_w // sx, 1, sx)
-    tokens = rows * grid_w + cols  # [wy, wx, dy, dx]
-    return tokens.reshape(-1, sy * sx)
+    frame_tokens = grid_h * grid_w
+    blocks = torch.arange(frames // st * st, device=device).view(frames // st, 1, 1, st, 1, 1) * frame_tokens
+    rows = torch.arange(grid_h // sy * sy, device=device).view(1, grid_h // sy, 1, 1, sy, 1) * grid_w
+    cols = torch.arange(grid_w // sx * sx, device=device).view(1, 1, grid_w // sx, 1, 1, sx)
+    tokens = blocks + rows + cols  # [wt, wy, wx, dt, dy, dx]
+    return tokens.reshape(-1, st * sy * sx)
 
 
 def window_scores(
@@ -36,17 +44,20 @@ def window_scores(
     sy: int,
     sx: int,
     a_s: float,
+    frames: int = 1,
+    st: int = 1,
 ) -> torch.Tensor:
     """SSM window score: mean cosine similarity over all K*K ordered token pairs of each window
     (self-pairs included) plus ``a_s`` times the window mean of ``priority``.
 
     Args:
-        x: [B, N, C] tokens on a grid_h x grid_w grid (N = grid_h * grid_w).
+        x: [B, N, C] tokens on ``frames`` frames of grid_h x grid_w (N = frames * grid_h * grid_w);
+            windows st x sy x sx (``window_tokens``).
         priority: [B, N] float32 merge-age priority ``T / (mean(T) + 1e-6)``, or None for none.
     Returns:
-        [B, W] float32 scores, windows row-major.
+        [B, W] float32 scores, in window order.
     """
-    table = window_tokens(grid_h, grid_w, sy, sx, x.device)
+    table = window_tokens(grid_h, grid_w, sy, sx, x.device, frames, st)
     k = table.shape[1]
     windows = x.float()[:, table]  # [B, W, K, C]
     sims = F.cosine_similarity(windows.unsqueeze(3), windows.unsqueeze(2), dim=-1, eps=COSINE_EPS)

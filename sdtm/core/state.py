@@ -195,9 +195,10 @@ class SDTMState:
         return len(skipped)
 
     def begin_call(self, timestep: torch.Tensor | float, grid_height: int, grid_width: int,
-                   timestep_scale: float = 1.0):
-        """Locate the step of a transformer call (on a ``grid_height`` x ``grid_width`` token grid; its
-        ``timestep * timestep_scale`` is in the scheduler's units) and start a new generation when needed."""
+                   timestep_scale: float = 1.0, frames: int = 1):
+        """Locate the step of a transformer call (on ``frames`` frames of ``grid_height`` x ``grid_width``
+        tokens; its ``timestep * timestep_scale`` is in the scheduler's units) and start a new generation
+        when needed."""
         if self.timesteps_source is None:
             raise RuntimeError(
                 "SDTM needs the denoising schedule to know the current step: apply it to the pipeline "
@@ -218,11 +219,12 @@ class SDTMState:
         self.call_in_step = self.call_in_step + 1 if step == self.step else 0
         self.step = step
         self.num_steps = len(self._timestep_values)
-        grid = Grid(grid_height, grid_width, self.config.sy, self.config.sx)
+        config = self.config
+        grid = Grid(grid_height, grid_width, config.sy, config.sx, frames, config.st)
         if grid.num_windows == 0 and grid != self.grid:
             warnings.warn(
-                f"SDTM: no {grid.sy}x{grid.sx} window (sy x sx) fits the {grid.height}x{grid.width} token grid, "
-                "so no token can be merged and the model runs unmerged; use a smaller sx / sy.",
+                f"SDTM: no {grid.describe_window()} window fits the {grid.describe()} token grid, so no token "
+                "can be merged and the model runs unmerged; use a smaller window (sy, sx, st).",
                 stacklevel=4,
             )
         self.grid = grid
