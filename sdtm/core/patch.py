@@ -1,5 +1,4 @@
-"""Apply SDTM to a diffusers pipeline or transformer (SD3 / SD3.5, Flux.1, PixArt-alpha / Sigma), and
-remove it again."""
+"""Apply SDTM to a diffusers pipeline or transformer (any family of sdtm/models/), and remove it again."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ def apply_SDTM(
     seed: int = 0,
     sx: int = 2,
     sy: int = 2,
+    st: int = 1,
     a_s: float = 0.05,
     a_d: float = 0.05,
     a_p: float = 2,
@@ -43,7 +43,7 @@ def apply_SDTM(
 
     Keyword names and meanings follow the public reference implementation; see ``SDTMConfig`` for each.
     ``switch_step=None`` takes the model family's default: 20 for SD3 / SD3.5 (the reference's), the first
-    40% of the steps for Flux and PixArt (not validated on real weights).
+    40% of the steps for Flux, PixArt and Wan (not validated on real weights).
     A transformer used on its own needs ``scheduler``: the scheduler whose timesteps it is called with,
     from which SDTM derives the step. Applying twice replaces the first patch.
 
@@ -59,6 +59,7 @@ def apply_SDTM(
         seed=seed,
         sx=sx,
         sy=sy,
+        st=st,
         a_s=a_s,
         a_d=a_d,
         a_p=a_p,
