@@ -1,9 +1,9 @@
 """Interleaved end-to-end timing on this machine: medians and ratios, next to the MAC ratio.
 
-    python benchmarks/e2e.py [--model sd3|flux|pixart] [--rounds 5] [--backends torch cpp] [--json]
+    python benchmarks/e2e.py [--model FAMILY] [--rounds 5] [--backends torch cpp] [--json]
 
-The same as ``sdtm bench e2e``: a transformer of the model family's shape (SD3 by default; FLUX.1-dev or
-PixArt-Sigma), shrunk for the CPU, over a 10-step schedule.
+The same as ``sdtm bench e2e``: a transformer of the model family's shape (the default family by default),
+shrunk for the CPU, over a 10-step schedule.
 """
 
 import sys

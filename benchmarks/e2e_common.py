@@ -7,6 +7,5 @@ from sdtm.cli.bench import (  # noqa: F401
     Denoiser,
     mac_config,
     resolved_config,
-    sd3_shaped_transformer,
     shaped_transformer,
 )

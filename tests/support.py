@@ -18,10 +18,9 @@ import pytest  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from sdtm.core.ops import cpp_unavailable_reason, triton_unavailable_reason  # noqa: E402
-from sdtm.tiny import (  # noqa: E402
-    TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds, tiny_pipeline,
-    tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds,
-)
+from sdtm.models.flux import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds  # noqa: E402
+from sdtm.models.pixart import TinyPixArtSpec, tiny_pixart_pipeline, tiny_pixart_prompt_embeds  # noqa: E402
+from sdtm.models.sd3 import TinySpec, tiny_pipeline, tiny_prompt_embeds  # noqa: E402
 
 diffusers_logging.set_verbosity_error()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -11,7 +11,7 @@ import torch
 from sdtm import SDTMConfig, apply_SDTM
 from sdtm.cli.main import main
 from sdtm.cli.macs import PRESETS, schedule_macs
-from sdtm.tiny import TinySpec, tiny_prompt_embeds, tiny_transformer
+from sdtm.models.sd3 import TinySpec, tiny_prompt_embeds, tiny_transformer
 
 TINY = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=8, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
@@ -273,7 +273,7 @@ def test_bench_unavailable_backend_is_the_only_line(monkeypatch, capfd, diffuser
 
 
 def test_sd3_shaped_transformer_casts_without_warnings(capfd, diffusers_warnings):
-    from sdtm.cli.bench import sd3_shaped_transformer
+    from sdtm.models.sd3 import sd3_shaped_transformer
 
     model = sd3_shaped_transformer(num_layers=1, heads=1, sample_size=8, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training

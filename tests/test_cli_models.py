@@ -37,7 +37,7 @@ def build_flux(seed: int = 0):
     """A ``FluxPipeline`` with every component (guidance-distilled tiny transformer, CLIP and T5)."""
     from diffusers import FluxPipeline
 
-    from sdtm.tiny import TinyFluxSpec, tiny_flux_pipeline
+    from sdtm.models.flux import TinyFluxSpec, tiny_flux_pipeline
 
     base = tiny_flux_pipeline(TinyFluxSpec(joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_HIDDEN), seed)
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer(model_max_length=512)
@@ -53,7 +53,7 @@ def build_pixart(pipeline: str = "PixArtSigmaPipeline", seed: int = 0):
     """A PixArt pipeline (``pipeline``: the Sigma or alpha class) with every component (T5 included)."""
     import diffusers
 
-    from sdtm.tiny import TinyPixArtSpec, tiny_pixart_pipeline
+    from sdtm.models.pixart import TinyPixArtSpec, tiny_pixart_pipeline
 
     base = tiny_pixart_pipeline(TinyPixArtSpec(caption_channels=T5_WIDTH), seed)
     tokenizer = tiny_t5_tokenizer(model_max_length=300)
@@ -281,7 +281,7 @@ def test_folders_that_cannot_generate_exit_2_before_loading(tmp_path, capsys, mo
 
 
 def test_a_saved_tiny_pipeline_without_text_encoders_is_refused(tmp_path, capsys, monkeypatch):
-    from sdtm.tiny import tiny_flux_pipeline
+    from sdtm.models.flux import tiny_flux_pipeline
 
     folder = tmp_path / "model"
     tiny_flux_pipeline().save_pretrained(str(folder))  # text encoders None: saved as null

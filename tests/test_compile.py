@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from support import SD3_SPEC, fresh_dynamo, generate, relative_difference, requires_cpp  # noqa: F401  (fixture)
 from sdtm import apply_SDTM, sdtm_state
-from sdtm.tiny import tiny_pipeline
+from sdtm.models.sd3 import tiny_pipeline
 
 # Both phases and protected steps within a few steps; use_rand on (randomness drawn outside the graphs).
 SETTINGS = dict(ratio=0.5, switch_step=3, protect_steps_frequency=3, use_rand=True)

@@ -10,7 +10,7 @@ import torch
 
 from support import SD3_SPEC, generate
 from sdtm import apply_SDTM, sdtm_state
-from sdtm.tiny import tiny_pipeline
+from sdtm.models.sd3 import tiny_pipeline
 
 
 @pytest.fixture()

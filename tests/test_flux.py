@@ -9,7 +9,7 @@ from support import relative_difference, requires_cpp, requires_triton
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.models.flux import image_grid, merged_attention, merged_rotary
 from sdtm.core.plans import Grid, ssm_plan
-from sdtm.tiny import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
+from sdtm.models.flux import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
 
 SPEC = TinyFluxSpec()
 MERGING = dict(ratio=0.5, switch_step=3)

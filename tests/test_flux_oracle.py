@@ -27,7 +27,7 @@ from oracle_support import (
 )
 from support import assert_close
 from sdtm.core.schedule import Phase
-from sdtm.tiny import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
+from sdtm.models.flux import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
 
 SPEC = TinyFluxSpec()
 HEIGHT, WIDTH = 64, 48  # a 32 x 24 token grid: 768 tokens, 192 windows of 2 x 2

@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 from support import SD3_SPEC, generate, requires_cuda
 from sdtm import SDTMConfig, apply_SDTM, remove_SDTM, sdtm_state
 from sdtm.core.graphs import disable_cuda_graphs, enable_cuda_graphs, graph_stats
-from sdtm.tiny import tiny_pipeline
+from sdtm.models.sd3 import tiny_pipeline
 
 
 class RerunCapture:

@@ -221,8 +221,8 @@ def test_pixart_config_files_and_folders(tmp_path):
         ({"use_additional_conditions": "yes"}, "use_additional_conditions must be true, false or null"),
         ({"interpolation_scale": 0}, "interpolation_scale must be a positive number or null"),
         ({"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero"},
-         "is a 'Transformer2DModel' config, not an SD3Transformer2DModel, PixArtTransformer2DModel or "
-         "FluxTransformer2DModel one"),
+         "is a 'Transformer2DModel' config, not an SD3Transformer2DModel, FluxTransformer2DModel or "
+         "PixArtTransformer2DModel one"),  # the registered families, in registration order
         ({"activation_fn": "bogus"}, "activation_fn must be one of gelu, gelu-approximate"),
         ({"dropout": 2.0}, "PixArtTransformer2DModel cannot be built from this config: dropout probability"),
     ],
@@ -385,7 +385,7 @@ def test_flux_schedule_matches_a_real_run():
     import torch
 
     from sdtm import apply_SDTM, sdtm_state
-    from sdtm.tiny import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
+    from sdtm.models.flux import TinyFluxSpec, tiny_flux_pipeline, tiny_flux_prompt_embeds
 
     spec = TinyFluxSpec()
     pipe = tiny_flux_pipeline(spec)

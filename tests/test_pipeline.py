@@ -5,7 +5,7 @@ import torch
 
 from support import SD3_SPEC, SD35_SPEC, generate, relative_difference, requires_cpp
 from sdtm import SDTMConfig, apply_SDTM, apply_sdtm, remove_SDTM, sdtm_state
-from sdtm.tiny import TinySpec, tiny_pipeline, tiny_prompt_embeds, tiny_transformer
+from sdtm.models.sd3 import TinySpec, tiny_pipeline, tiny_prompt_embeds, tiny_transformer
 
 NO_MERGE_SETTINGS = [
     {"ratio": 0.0, "deviation": 0.0},

@@ -6,7 +6,7 @@ import torch
 
 from support import relative_difference, requires_cpp, requires_triton
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
-from sdtm.tiny import TinyPixArtSpec, tiny_pixart_pipeline, tiny_pixart_prompt_embeds
+from sdtm.models.pixart import TinyPixArtSpec, tiny_pixart_pipeline, tiny_pixart_prompt_embeds
 
 SPEC = TinyPixArtSpec()
 MERGING = dict(ratio=0.5, switch_step=3)

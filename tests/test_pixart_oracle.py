@@ -25,7 +25,7 @@ from oracle_support import (
 )
 from support import assert_close
 from sdtm.core.schedule import Phase
-from sdtm.tiny import TinyPixArtSpec, tiny_pixart_pipeline, tiny_pixart_prompt_embeds
+from sdtm.models.pixart import TinyPixArtSpec, tiny_pixart_pipeline, tiny_pixart_prompt_embeds
 
 SPEC = TinyPixArtSpec()
 HEIGHT, WIDTH = 64, 64  # a 32 x 32 token grid: 1024 tokens, 256 windows of 2 x 2

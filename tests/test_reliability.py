@@ -8,7 +8,7 @@ import torch
 
 from support import FAMILY_PIPELINES, make_pipeline, relative_difference, requires_cpp, run_pipeline
 from sdtm import apply_SDTM, remove_SDTM, sdtm_state
-from sdtm.tiny import TinySpec, tiny_prompt_embeds
+from sdtm.models.sd3 import TinySpec, tiny_prompt_embeds
 
 MERGING = dict(ratio=0.5, deviation=0.0, switch_step=3)
 

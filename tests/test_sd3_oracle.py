@@ -22,7 +22,7 @@ from oracle_support import (
 )
 from support import SD35_SPEC, assert_close
 from sdtm.core.schedule import Phase
-from sdtm.tiny import tiny_pipeline, tiny_prompt_embeds
+from sdtm.models.sd3 import tiny_pipeline, tiny_prompt_embeds
 
 SPEC = SD35_SPEC
 HEIGHT, WIDTH = 64, 64  # a 32 x 32 token grid: 1024 tokens, 256 windows of 2 x 2

@@ -1,6 +1,6 @@
 """A complete tiny StableDiffusion3Pipeline (text encoders and tokenizers included), built locally.
 
-Unlike ``sdtm.tiny.tiny_pipeline`` (no text encoders), this pipeline takes prompt strings, so it can be
+Unlike ``sdtm.models.sd3.tiny_pipeline`` (no text encoders), this pipeline takes prompt strings, so it can be
 saved with ``save_pretrained`` and driven end to end by ``sdtm generate``. Every weight is random
 (seeded) and every tokenizer is made from a small vocabulary written here; nothing is downloaded.
 
@@ -117,7 +117,8 @@ def build_tiny_full_pipeline(seed: int = 0):
     """A ``StableDiffusion3Pipeline`` with every component, random weights seeded from ``seed``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from sdtm.tiny import TinySpec, tiny_transformer, tiny_vae
+    from sdtm.models.sd3 import TinySpec, tiny_transformer
+    from sdtm.tiny import tiny_vae
 
     spec = TinySpec(joint_attention_dim=T5_WIDTH, pooled_projection_dim=2 * CLIP_HIDDEN, sample_size=64)
     clip_tokenizer, t5_tokenizer = tiny_clip_tokenizer(), tiny_t5_tokenizer()

@@ -1,5 +1,5 @@
-"""Timing on this machine: the fused ops per backend, and a transformer of each model family's shape (SD3,
-FLUX.1-dev, PixArt-Sigma; shrunk for the CPU) end to end.
+"""Timing on this machine: the fused ops per backend, and a transformer of each model family's shape (its
+adapter's ``bench_transformer``, shrunk for the CPU) end to end.
 
 Rounds are interleaved across the variants compared and medians reported, so slow drifts of the machine
 hit every variant alike. Used by ``sdtm bench`` and by benchmarks/.
@@ -23,8 +23,8 @@ from .macs import schedule_macs
 from ..core.ops import check_backend, cpp_unavailable_reason, ops_for, triton_unavailable_reason
 from ..core.patch import apply_sdtm, remove_sdtm
 from ..core.plans import Grid, idm_candidates, idm_plan, random_or_first_positions, ssm_plan
+from ..models import default_family, families, family
 
-TEXT_TOKENS = 333
 # Every step a structure step at ratio 0.5: 4096 -> 2080 tokens on a 64 x 64 grid, exactly the token
 # count of an unpatched 40 x 52 grid.
 ALL_STRUCTURE = dict(ratio=0.5, deviation=0.0, switch_step=1000, protect_steps_frequency=None, use_rand=True)
@@ -108,7 +108,7 @@ class KernelRow:
 
 
 def kernel_calls(ops, x, priority, grid: Grid, plans) -> dict[str, Callable[[], object]]:
-    """One call of each op (and a whole plan) on SD3-shaped activations."""
+    """One call of each op (and a whole plan) on activations ``x`` [B, N, C]."""
     b, n, c = x.shape
     ssm, idm, src_idx, dst_idx = plans
     y = torch.randn(b, ssm.num_merged, c, device=x.device, dtype=x.dtype)
@@ -152,84 +152,22 @@ def bench_kernels(grids: list[tuple[int, int]], channels: int = 1536, batch: int
     return rows
 
 
-def sd3_shaped_transformer(num_layers: int = 2, heads: int = 12, sample_size: int = 128, seed: int = 0,
-                           device="cpu", dtype=torch.float32):
-    """SD3's widths (333 text tokens from a 4096-wide context, patch 2, 16 latent channels), fewer blocks
-    and C = heads * 64, random weights."""
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(seed)
-    model = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=2, in_channels=16, num_layers=num_layers, attention_head_dim=64,
-        num_attention_heads=heads, joint_attention_dim=4096, caption_projection_dim=heads * 64,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=sample_size // 2,
-    )
-    return _cast(model, device, dtype)
+def _e2e_models() -> dict[str, dict]:
+    """The end-to-end models: per family, the title, the family's pipeline batch (classifier-free guidance
+    doubles it; guidance-distilled families run 1) and text tokens, and the defaults of the shrunk
+    transformer."""
+    return {a.name: dict(title=a.bench_title, batch=2 if a.cfg_pairs else 1, text_tokens=a.bench_text_tokens,
+                         num_layers=a.bench_layers, heads=a.bench_heads) for a in families()}
 
 
-def flux_shaped_transformer(num_layers: int = 1, num_single_layers: int | None = None, heads: int = 6,
-                            seed: int = 0, device="cpu", dtype=torch.float32):
-    """FLUX.1-dev's widths (head width 128 with rotary axes 16 + 56 + 56, 16 latent channels packed 2x2 into
-    64, T5 context 4096 wide, pooled CLIP vector 768 wide, guidance embedding), ``num_layers``
-    double-stream blocks and ``num_single_layers`` single-stream ones (default twice as many, as in
-    FLUX.1-dev's 19 + 38), C = heads * 128, random weights."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=num_layers,
-        num_single_layers=2 * num_layers if num_single_layers is None else num_single_layers,
-        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768,
-        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-    )
-    return _cast(model, device, dtype)
-
-
-def pixart_shaped_transformer(num_layers: int = 2, heads: int = 8, sample_size: int = 128, seed: int = 0,
-                              device="cpu", dtype=torch.float32):
-    """PixArt-Sigma's widths (head width 72, 4 latent channels with learned sigma: 8 out, patch 2, T5
-    captions 4096 wide, no resolution conditioning), fewer blocks and C = heads * 72, random weights.
-    ``sample_size`` (latent side of the default sin-cos table) is no limit: other sizes get their own."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=num_layers,
-        cross_attention_dim=heads * 72, caption_channels=4096, sample_size=sample_size, patch_size=2,
-        norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=max(1, sample_size // 64),
-    )
-    return _cast(model, device, dtype)
-
-
-def _cast(model, device, dtype):
-    # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast, even for models such as these that
-    # have no module to keep in float32.
-    return torch.nn.Module.to(model, device=device, dtype=dtype).eval()
-
-
-# The end-to-end models: the family's pipeline batch (classifier-free guidance doubles it; Flux.1-dev is
-# guidance-distilled) and text tokens, and the defaults of the shrunk transformer.
-E2E_MODELS = {
-    "sd3": dict(title="SD3-shaped transformer", batch=2, text_tokens=TEXT_TOKENS, num_layers=2, heads=12),
-    "flux": dict(title="FLUX.1-dev-shaped transformer", batch=1, text_tokens=512, num_layers=1, heads=6),
-    "pixart": dict(title="PixArt-Sigma-shaped transformer", batch=2, text_tokens=300, num_layers=2, heads=8),
-}
+E2E_MODELS = _e2e_models()
 
 
 def shaped_transformer(model: str, num_layers: int | None = None, heads: int | None = None, sample_size: int = 128,
                        seed: int = 0, device="cpu", dtype=torch.float32):
-    """The shrunk transformer of ``model`` (a key of ``E2E_MODELS``): ``num_layers`` blocks (Flux:
-    double-stream blocks, plus twice as many single-stream ones), C = heads x the family's head width."""
-    if model not in E2E_MODELS:
-        raise ValueError(f"model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
-    spec = E2E_MODELS[model]
-    num_layers = spec["num_layers"] if num_layers is None else num_layers
-    heads = spec["heads"] if heads is None else heads
-    if model == "sd3":
-        return sd3_shaped_transformer(num_layers, heads, sample_size, seed, device, dtype)
-    if model == "flux":
-        return flux_shaped_transformer(num_layers, None, heads, seed, device, dtype)
-    return pixart_shaped_transformer(num_layers, heads, sample_size, seed, device, dtype)
+    """The shrunk transformer of family ``model`` (``ModelAdapter.bench_transformer``): ``num_layers``
+    blocks, C = heads x the family's head width."""
+    return family(model).bench_transformer(num_layers, heads, sample_size, seed, device, dtype)
 
 
 def mac_config(transformer) -> dict:
@@ -248,98 +186,33 @@ def resolved_config(transformer, config: SDTMConfig, steps: int) -> SDTMConfig:
 
 class Denoiser:
     """Runs a transformer over ``steps`` denoising steps on random latents of ``latent_h`` x ``latent_w``
-    (the VAE latent) with random prompt embeddings, called as its family's diffusers pipeline calls it:
-
-    - SD3: [batch, 16, h, w] latents, 333 text tokens and a pooled vector, a flow-matching Euler schedule
-      (shift 3);
-    - Flux.1: latents packed into (h/2)(w/2) tokens of 2x2 patches placed by ``img_ids``, ``timestep /
-      1000``, the distilled guidance 3.5 (models with a guidance embedding), 512 text tokens, FluxPipeline's
-      schedule (sigmas 1 .. 1/steps, shift from the image token count);
-    - PixArt: [batch, 4, h, w] latents, 300 text tokens with an all-ones mask, no resolution conditions,
-      DPM-Solver++ (the first half of the learned-sigma output is the noise prediction).
+    (the VAE latent) with random prompt embeddings, called as its family's diffusers pipeline calls it
+    (``ModelAdapter.denoising_inputs``: its scheduler, latent layout, timestep units and conditioning).
 
     ``batch`` is the batch of every transformer call (2: classifier-free guidance's pair);
-    ``text_tokens`` None: the family's count above."""
+    ``text_tokens`` None: the family's count (``ModelAdapter.bench_text_tokens``)."""
 
     def __init__(self, transformer, latent_h: int, latent_w: int, steps: int = 10, batch: int = 2, seed: int = 0,
                  text_tokens: int | None = None):
         from ..models import adapter_for
 
-        g = torch.Generator().manual_seed(seed)
-        device, dtype = transformer.device, transformer.dtype
-        self.family = adapter_for(transformer).name
+        adapter = adapter_for(transformer)
+        self.family = adapter.name
         self.transformer = transformer
         self.steps = steps
-        self.text_tokens = E2E_MODELS[self.family]["text_tokens"] if text_tokens is None else text_tokens
-        config = transformer.config
-
-        def draw(*shape):
-            return torch.randn(*shape, generator=g).to(device, dtype)
-
-        self.extra: dict = {}
-        if self.family == "flux":
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            if latent_h % 2 or latent_w % 2:
-                raise ValueError(f"Flux packs 2x2 latent patches: the latent must have even sides, got "
-                                 f"{latent_h}x{latent_w}.")
-            rows, cols = latent_h // 2, latent_w // 2
-            self.scheduler = FlowMatchEulerDiscreteScheduler(
-                shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                max_image_seq_len=4096)
-            self.latents = draw(batch, rows * cols, config.in_channels)
-            self.context = draw(batch, self.text_tokens, config.joint_attention_dim)
-            self.pooled = draw(batch, config.pooled_projection_dim)
-            img_ids = torch.zeros(rows, cols, 3)
-            img_ids[..., 1] += torch.arange(rows)[:, None]
-            img_ids[..., 2] += torch.arange(cols)[None, :]
-            self.extra = {"img_ids": img_ids.reshape(-1, 3).to(device, dtype),
-                          "txt_ids": torch.zeros(self.text_tokens, 3).to(device, dtype),
-                          "guidance": torch.full((batch,), 3.5, device=device, dtype=torch.float32)
-                          if config.guidance_embeds else None}
-            # FluxPipeline's schedule: the shift grows with the image token count.
-            self._mu = 0.5 + (1.15 - 0.5) * (rows * cols - 256) / (4096 - 256)
-        elif self.family == "pixart":
-            from diffusers import DPMSolverMultistepScheduler
-
-            self.scheduler = DPMSolverMultistepScheduler()
-            self.latents = draw(batch, config.in_channels, latent_h, latent_w)
-            self.context = draw(batch, self.text_tokens, config.caption_channels)
-            self.extra = {"encoder_attention_mask": torch.ones(batch, self.text_tokens, device=device),
-                          "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
-        else:
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-            self.latents = draw(batch, config.in_channels, latent_h, latent_w)
-            self.context = draw(batch, self.text_tokens, config.joint_attention_dim)
-            self.pooled = draw(batch, config.pooled_projection_dim)
+        self.text_tokens = adapter.bench_text_tokens if text_tokens is None else text_tokens
+        self.inputs = adapter.denoising_inputs(transformer, latent_h, latent_w, batch, self.text_tokens,
+                                               torch.Generator().manual_seed(seed))
+        self.scheduler = self.inputs.scheduler
+        self.latents = self.inputs.latents
 
     def set_timesteps(self) -> torch.Tensor:
         """Start a generation: the scheduler's timesteps for ``steps`` steps."""
-        device = self.latents.device
-        if self.family == "flux":
-            import numpy as np
-
-            sigmas = np.linspace(1.0, 1 / self.steps, self.steps)
-            self.scheduler.set_timesteps(self.steps, device=device, sigmas=sigmas, mu=self._mu)
-        else:
-            self.scheduler.set_timesteps(self.steps, device=device)
-        return self.scheduler.timesteps
+        return self.inputs.set_timesteps(self.steps)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The transformer's prediction for latents ``x`` at timestep ``t``, in the scheduler's layout."""
-        batch = x.shape[0]
-        if self.family == "flux":
-            return self.transformer(hidden_states=x, timestep=t.expand(batch).to(x.dtype) / 1000,
-                                    encoder_hidden_states=self.context, pooled_projections=self.pooled,
-                                    return_dict=False, **self.extra)[0]
-        if self.family == "pixart":
-            out = self.transformer(hidden_states=x, timestep=t.expand(batch), encoder_hidden_states=self.context,
-                                   return_dict=False, **self.extra)[0]
-            return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * x.shape[1] else out
-        return self.transformer(hidden_states=x, timestep=t.expand(batch), encoder_hidden_states=self.context,
-                                pooled_projections=self.pooled, return_dict=False)[0]
+        return self.inputs.predict(x, t)
 
     @torch.no_grad()
     def __call__(self) -> torch.Tensor:
@@ -358,13 +231,14 @@ class Denoiser:
 
 def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: bool = True,
               latent: tuple[int, int] = (128, 128), small_latent: tuple[int, int] = (80, 104),
-              num_layers: int | None = None, heads: int | None = None, model: str = "sd3") -> dict:
+              num_layers: int | None = None, heads: int | None = None, model: str | None = None) -> dict:
     """The shrunk transformer of ``model`` (``E2E_MODELS``: ``num_layers`` blocks, C = heads x the family's
-    head width; default SD3: 2 blocks, C = 768; Flux: 1 double-stream + 2 single-stream blocks, C = 768;
-    PixArt: 2 blocks, C = 576) at the family's batch and text tokens: unmerged vs SDTM defaults per backend
+    head width, the family's defaults when None) at the family's batch and text tokens: unmerged vs SDTM
+    defaults per backend
     on ``latent`` (with the MAC ratio of the same schedule, switch step the family's default), and SDTM at
     ratio 0.5 in every step vs the unpatched model on ``small_latent``. The defaults (64 x 64 tokens ->
     2080; 40 x 52 = 2080 tokens) compare equal token counts."""
+    model = model or default_family().name
     if model not in E2E_MODELS:
         raise ValueError(f"--model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
     check_cpu_backends(backends)
@@ -381,7 +255,7 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
 
         return call
 
-    # apply_SDTM's defaults: the family's switch step (SD3: the reference's 20).
+    # apply_SDTM's defaults: the family's switch step.
     default = SDTMConfig(switch_step=None)
     # Theoretical MACs on the meta device: FlopCounterMode misses CPU flash attention in a real run.
     report = schedule_macs(mac_config(transformer), latent[0] * 8, latent[1] * 8, steps, batch=batch,
@@ -431,7 +305,7 @@ def stacking_efficiency(speedups: dict[str, float]) -> float:
 
 
 def bench_stacking(cache: str, backend: str = "cpp", rounds: int = 3, steps: int = 10, grid: int = 32,
-                   progress: bool = True, model: str = "sd3", num_layers: int | None = None,
+                   progress: bool = True, model: str | None = None, num_layers: int | None = None,
                    heads: int | None = None) -> dict:
     """A step cache stacked with SDTM: the shrunk transformer of ``model`` (``E2E_MODELS``; ``grid`` x
     ``grid`` image tokens, the family's batch and text tokens) over ``steps`` steps in four variants,
@@ -443,12 +317,13 @@ def bench_stacking(cache: str, backend: str = "cpp", rounds: int = 3, steps: int
     records by mode and each variant's relative change of the latents from unmerged."""
     from .caches import apply_cache, check_cache, sdtm_record_counts
 
+    model = model or default_family().name
     if model not in E2E_MODELS:
         raise ValueError(f"--model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
     check_cache(cache, model)
     check_cpu_backends([backend])
     spec = E2E_MODELS[model]
-    latent = 2 * grid  # SD3 / PixArt patches and Flux's packing: 2 x 2 latent pixels a token
+    latent = 2 * grid  # every family's tokens span 2 x 2 latent pixels (patches or packing)
     base = shaped_transformer(model, num_layers, heads, sample_size=latent)
     config = SDTMConfig(backend=backend, switch_step=None)
     transformers = {name: base if name == "unmerged" else shared_copy(base) for name in STACKING_VARIANTS}
@@ -540,7 +415,8 @@ class BlockShare:
 
 def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), heads: int = 24
                      ) -> dict[str, Callable[[], object]]:
-    """An SD3 block (C = heads * 64, batch 2, ``grid`` image tokens, 333 text tokens, CPU float32) run
+    """A block of the default family's shape (``bench_transformer``: C = heads x its head width, batch 2,
+    ``grid`` image tokens, its text tokens, CPU float32) run
     unmerged ("unmerged"), the part of it that SDTM's fused ops take over ("replaced"), and for each
     backend and phase ("cpp-ssm", "cpp-idm", ...) everything SDTM adds
     to it when merging half the tokens: the plan (scores, selection, index tables, merge age), the merges
@@ -552,24 +428,25 @@ def block_share_runs(backends: list[str], grid: tuple[int, int] = (64, 64), head
     from ..core.schedule import BlockAction, BlockMode, Phase
     from ..core.state import BlockLink, CallStream, SDTMState
 
-    transformer = sd3_shaped_transformer(num_layers=2, heads=heads, sample_size=2 * max(grid))
-    block = transformer.transformer_blocks[0]
-    channels, batch = heads * 64, 2
+    adapter = default_family()
+    transformer = adapter.bench_transformer(num_layers=2, heads=heads, sample_size=2 * max(grid))
+    block = adapter.blocks(transformer)[0]
+    channels, batch = transformer_channels(transformer), 2
     layout = Grid(grid[0], grid[1], 2, 2)
     g = torch.Generator().manual_seed(0)
 
     def draw(*shape):
         return torch.randn(*shape, generator=g)
 
-    hidden, metric = draw(batch, layout.num_tokens, channels), draw(batch, layout.num_tokens, channels)
-    context, temb = draw(batch, TEXT_TOKENS, channels), draw(batch, channels)
+    inputs = adapter.block_inputs(transformer, block, batch, layout.num_tokens, adapter.bench_text_tokens, draw)
+    hidden, metric = inputs["hidden_states"], draw(batch, layout.num_tokens, channels)
     shift, scale, gate = draw(batch, channels), draw(batch, channels), draw(batch, channels)
     caches = [draw(batch, layout.num_tokens, channels) for _ in range(2)]
     spare = torch.empty_like(hidden)
 
     def unmerged():
         with torch.no_grad():
-            return block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            return block(**inputs)
 
     full_output = draw(batch, layout.num_tokens, channels)
 

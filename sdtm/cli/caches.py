@@ -8,18 +8,18 @@ the steps: the first ``warm-up`` steps, then every other step (``steps_mask``). 
 - ``none``: no cache; the blocks are still counted.
 - ``fbcache``: diffusers' FirstBlockCache. The first block runs at every step; the others run at the mask's
   steps and are replaced by the stored residual of the last computed step elsewhere (its threshold is set
-  per step: below any change at computed steps, above any at cached ones). Flux (``enable_cache``) and
-  PixArt. Not SD3: diffusers' FirstBlockCache subtracts the last block's text output, which SD3's last
-  block returns as None.
+  per step: below any change at computed steps, above any at cached ones). Through ``enable_cache`` on a
+  ``CacheMixin`` transformer. A family that cannot take it says why (``ModelAdapter.cache_refusals``).
 - ``taylorseer``: diffusers' TaylorSeerCache on the blocks (``cache_interval`` 2 after the warm-up steps,
-  first-order Taylor factors in float32): a block not computed returns its predicted output. On SD3 every
-  block but the last (whose None text output TaylorSeer cannot record), which runs at every step.
+  first-order Taylor factors in float32): a block not computed returns its predicted output. Where the
+  last block's outputs cannot be recorded (``ModelAdapter.taylorseer_skips_last_block``), every block but
+  the last, which runs at every step.
 - ``cache-dit``: cache-dit's DBCache with the static steps mask and ``Fn_compute_blocks=1`` (the first block
   runs at every step, the others at the mask's steps), applied to the transformer alone (no pipeline class
   is patched). An optional extra: ``pip install -e .[cache]``.
 
-SD3 and PixArt transformers are not diffusers ``CacheMixin`` models, and a transformer called outside a
-pipeline (``sdtm bench``) gets no cache context from anyone: a forward pre-hook on the transformer starts
+Transformers that are not diffusers ``CacheMixin`` models get the cache through its ``apply_*`` function,
+and a transformer called outside a pipeline (``sdtm bench``) gets no cache context from anyone: a forward pre-hook on the transformer starts
 each generation itself (a new ``scheduler.timesteps`` tensor: diffusers' caches reset with
 ``reset_stateful_hooks`` and given the context ``"cond"`` where none is set, cache-dit's context refreshed)
 and sets the step's FirstBlockCache threshold. ``StepCache.disable`` removes every hook it added and what
@@ -43,11 +43,7 @@ import torch
 
 CACHES = ("none", "fbcache", "taylorseer", "cache-dit")
 COMPUTE_SHARE = 0.7  # the share of the steps a cache's mask computes
-FAMILIES = {"fbcache": ("flux", "pixart")}  # where a cache runs (others: every family)
 CACHE_DIT_MISSING = "cache-dit is not installed: pip install -e .[cache]"
-# A sub-module of each block that every real forward of the block calls (diffusers' and SDTM's), in order
-# of preference: SD3's and Flux's double-stream blocks, Flux's single-stream blocks, PixArt's blocks.
-_WITNESSES = ("norm1_context", "proj_mlp", "attn1")
 
 
 def warmup_steps(steps: int, share: float = COMPUTE_SHARE) -> int:
@@ -64,15 +60,25 @@ def steps_mask(steps: int, share: float = COMPUTE_SHARE) -> list[int]:
     return [1 if s < b or (s - b - 1) % 2 == 0 else 0 for s in range(steps)]
 
 
+def runs_on(name: str) -> list[str]:
+    """The registered families cache ``name`` runs on (``ModelAdapter.cache_refusals``)."""
+    from ..models import families
+
+    return [adapter.name for adapter in families() if name not in adapter.cache_refusals]
+
+
 def check_cache(name: str, family: str) -> None:
-    """Raise a one-line ValueError unless cache ``name`` runs on model ``family`` (sd3, flux, pixart) here:
-    an unknown name, a family it cannot run on, or cache-dit missing."""
+    """Raise a one-line ValueError unless cache ``name`` runs on model ``family`` (a registered family's
+    name) here: an unknown name, a family it cannot run on, or cache-dit missing."""
+    from ..models import family as family_named
+
     if name not in CACHES:
         raise ValueError(f"--cache must be one of {', '.join(CACHES)}, got {name!r}.")
-    if family not in FAMILIES.get(name, (family,)):
-        raise ValueError(f"--cache {name} does not run on {family}: diffusers' FirstBlockCache subtracts the last "
-                         "block's text output, which SD3's last block returns as None; use --cache cache-dit or "
-                         "taylorseer (fbcache runs on flux and pixart).")
+    reason = family_named(family).cache_refusals.get(name)
+    if reason is not None:
+        others = sorted(c for c in CACHES if c not in ("none", name) and c not in family_named(family).cache_refusals)
+        raise ValueError(f"--cache {name} does not run on {family}: {reason}; use --cache {' or '.join(others)} "
+                         f"({name} runs on {' and '.join(runs_on(name))}).")
     if name == "cache-dit":
         import_cache_dit()
 
@@ -91,16 +97,20 @@ def import_cache_dit():
 
 
 def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks in the order the transformer calls them (Flux: double-stream, then single-stream)."""
-    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", ())]
+    """The blocks in the order the transformer calls them (every kind, in module order)."""
+    from ..models import adapter_for
+
+    return adapter_for(transformer).blocks(transformer)
 
 
-def _witness(block: torch.nn.Module) -> torch.nn.Module:
-    for name in _WITNESSES:
+def _witness(block: torch.nn.Module, witnesses: tuple[str, ...]) -> torch.nn.Module:
+    """The first of ``witnesses`` (``ModelAdapter.cache_witnesses``) that ``block`` has: a sub-module every
+    real forward of the block calls (diffusers' and SDTM's)."""
+    for name in witnesses:
         module = getattr(block, name, None)
         if isinstance(module, torch.nn.Module):
             return module
-    raise ValueError(f"cannot count the calls of a {type(block).__name__}: it has none of {', '.join(_WITNESSES)}.")
+    raise ValueError(f"cannot count the calls of a {type(block).__name__}: it has none of {', '.join(witnesses)}.")
 
 
 def _state_managers(transformer: torch.nn.Module) -> list:
@@ -131,7 +141,8 @@ class StepCache:
     def __init__(self, name: str, transformer: torch.nn.Module, steps: int, scheduler: Any):
         from ..models import adapter_for
 
-        self.family = adapter_for(transformer).name
+        self.adapter = adapter_for(transformer)
+        self.family = self.adapter.name
         check_cache(name, self.family)
         if scheduler is None or not hasattr(scheduler, "timesteps"):
             raise ValueError("a step cache needs the scheduler that drives the transformer.")
@@ -150,7 +161,7 @@ class StepCache:
         self.generations = 0
         self.enabled = True
         self._handles = [transformer.register_forward_pre_hook(self._before_call, with_kwargs=True)]
-        self._handles += [_witness(block).register_forward_pre_hook(self._ran_hook(i))
+        self._handles += [_witness(block, self.adapter.cache_witnesses).register_forward_pre_hook(self._ran_hook(i))
                           for i, block in enumerate(self.blocks)]
         try:
             self._enable()
@@ -191,18 +202,19 @@ class StepCache:
             self._managers = _state_managers(transformer)
 
     def _taylorseer_blocks(self) -> list[str]:
-        """TaylorSeer's module patterns: every block (SD3: every block but the last)."""
-        if self.family != "sd3":
+        """TaylorSeer's module patterns: every block (or every block but the last, where the family says
+        so: ``taylorseer_skips_last_block``)."""
+        if not self.adapter.taylorseer_skips_last_block:
             return [r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"]
         count = len(self.transformer.transformer_blocks)
         if count < 2:
-            raise ValueError("--cache taylorseer on SD3 caches every block but the last (its text output is None); "
-                             "this transformer has one block.")
+            raise ValueError(f"--cache taylorseer on {self.adapter.title} caches every block but the last (its "
+                             "outputs cannot be recorded); this transformer has one block.")
         return [rf"transformer_blocks\.(?:{'|'.join(str(i) for i in range(count - 1))})"]
 
     def _enable_cache_dit(self) -> None:
         cache_dit = import_cache_dit()
-        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+        from cache_dit import DBCacheConfig
         from cache_dit.caching.block_adapters import BlockAdapterRegister
 
         transformer = self.transformer
@@ -210,11 +222,10 @@ class StepCache:
             Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1, warmup_interval=1, max_cached_steps=-1,
             max_continuous_cached_steps=-1, num_inference_steps=self.steps, enable_separate_cfg=False,
             steps_computation_mask=list(self.mask), steps_computation_policy="static")
-        if BlockAdapterRegister.is_supported(transformer):  # Flux, PixArt: cache-dit's own adapter
+        if BlockAdapterRegister.is_supported(transformer):  # cache-dit's own adapter of the class
             target = transformer
-        else:  # SD3: the adapter cache-dit registers for its pipeline, on the transformer alone
-            target = BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
-                                  forward_pattern=ForwardPattern.Pattern_1, check_forward_pattern=True)
+        else:  # the family's (e.g. the one cache-dit registers for its pipeline, on the transformer alone)
+            target = self.adapter.cache_dit_target(transformer)
         before = {key: transformer.__dict__[key] for key in ("forward", "_is_patched") if key in transformer.__dict__}
         cache_dit.enable_cache(target, cache_config=copy.deepcopy(config))
         self._cache_dit = (cache_dit, target, config, before)
@@ -304,7 +315,7 @@ class StepCache:
         self._ran, self._call_steps = [], []
         self.generations += 1
         if self._managers:
-            context = self._managers[0]._context  # a pipeline's own (Flux: "cond"), kept
+            context = self._managers[0]._context  # a pipeline's own (e.g. "cond"), kept
             for manager in self._managers:
                 manager.reset()  # what reset_stateful_hooks does to each of these hooks
                 manager.set_context(context)
@@ -320,7 +331,8 @@ class StepCache:
             "none": "no cache: every step computed",
             "fbcache": (f"FirstBlockCache: first block every step, the others at the mask's steps (steps 0-"
                         f"{self.warmup - 1}, then every other step)"),
-            "taylorseer": (f"TaylorSeerCache on the blocks{' but the last' if self.family == 'sd3' else ''}: "
+            "taylorseer": (f"TaylorSeerCache on the blocks"
+                           f"{' but the last' if self.adapter.taylorseer_skips_last_block else ''}: "
                            f"cache_interval 2, disable_cache_before_step {self.warmup}"),
             "cache-dit": (f"cache-dit DBCache: static steps mask, Fn_compute_blocks 1, Bn_compute_blocks 0 (steps 0-"
                           f"{self.warmup - 1}, then every other step)"),

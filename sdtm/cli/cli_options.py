@@ -15,6 +15,7 @@ _HELP = {
     "seed": "seed of SDTM's random destinations, reseeded every generation",
     "sx": "window width in tokens",
     "sy": "window height in tokens",
+    "st": "window depth in frames (video token grids; 1: images)",
     "a_s": "merge-age weight in the SSM window score",
     "a_d": "merge-age weight in the IDM source score",
     "a_p": "accepted for compatibility, unused",
@@ -39,9 +40,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-FAMILY_SWITCH_STEP_HELP = ("last structure-phase step (SSM); later steps are the detail phase (IDM) (default: the "
-                           "model family's: 20 for SD3 / SD3.5, the last step of the first 40%% of the steps for "
-                           "Flux and PixArt)")
+def family_switch_step_help() -> str:
+    """--switch-step's help where it defaults to the model family's: each registered family's default."""
+    from ..models import families
+
+    defaults = "; ".join(f"{a.title}: {a.describe_switch_step()}" for a in families())
+    return ("last structure-phase step (SSM); later steps are the detail phase (IDM) (default: the model "
+            f"family's: {defaults})").replace("%", "%%")
 
 
 def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True,
@@ -57,7 +62,7 @@ def add_sdtm_options(parser: argparse.ArgumentParser, with_disable: bool = True,
         if name == "seed":  # --seed is the image's seed where a command has one
             flag = "--sdtm-seed"
         if name == "switch_step" and family_switch_step:
-            group.add_argument(flag, type=int, default=None, help=FAMILY_SWITCH_STEP_HELP)
+            group.add_argument(flag, type=int, default=None, help=family_switch_step_help())
         elif name == "backend":
             group.add_argument(flag, choices=BACKENDS, default=default,
                                help="ops backend (default auto: cpp on CPU, triton on CUDA)")

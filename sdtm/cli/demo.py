@@ -1,5 +1,5 @@
-"""The demonstration: a tiny pipeline of one model family (SD3, Flux.1 or PixArt-Sigma) built from config,
-generated with and without SDTM."""
+"""The demonstration: a tiny pipeline of one model family (any registered family: its adapter's
+``tiny_pipeline``) built from config, generated with and without SDTM."""
 
 from __future__ import annotations
 
@@ -17,19 +17,8 @@ from .bench import mac_config
 from ..core.config import SDTMConfig
 from .macs import schedule_macs
 from ..core.patch import apply_SDTM, remove_SDTM, sdtm_state
-from ..tiny import (TinyFluxSpec, TinyPixArtSpec, TinySpec, tiny_flux_pipeline, tiny_flux_prompt_embeds,
-                   tiny_pipeline, tiny_pixart_pipeline, tiny_pixart_prompt_embeds, tiny_prompt_embeds)
-
-# Large enough that the transformer dominates (2304 image tokens at the default 96 pixels, blocks of width
-# 256), small enough to finish in well under a minute on two CPU cores.
-DEMO_SPEC = TinySpec(num_layers=4, heads=4, head_dim=64, joint_attention_dim=64, pooled_projection_dim=32,
-                     sample_size=96, text_tokens=16)
-# Flux.1-dev's proportions: twice as many single-stream as double-stream blocks; batch 1 (no CFG pair).
-DEMO_FLUX_SPEC = TinyFluxSpec(num_layers=2, num_single_layers=4, heads=4, head_dim=64, axes_dims_rope=(16, 24, 24),
-                              joint_attention_dim=64, pooled_projection_dim=32, text_tokens=16)
-# The sin-cos positional table is computed for any size; 48 latent pixels a side is the demo's default.
-DEMO_PIXART_SPEC = TinyPixArtSpec(num_layers=4, heads=4, head_dim=64, caption_channels=64, sample_size=48,
-                                  text_tokens=16)
+from ..models import default_family, families, family
+from ..models.base import ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -44,33 +33,20 @@ class DemoModel:
     max_size: int | None  # the largest image side the positional table covers (None: any)
     size_multiple: int = 2  # the image side must be a multiple of it: 2 x 2 pixels a token, or the pipeline's rule
     size_rule: str = "a token spans 2 x 2 pixels"
+    blocks: str = ""  # the tiny transformer's blocks in words
 
 
-def _sd3_kwargs(spec) -> dict:
-    return {**tiny_prompt_embeds(spec, batch=1), "guidance_scale": 4.0}
+def demo_model(adapter: ModelAdapter) -> DemoModel:
+    """The demo of ``adapter``'s family: its ``demo_spec`` and tiny pipeline, called with its
+    ``tiny_call_kwargs`` for one prompt (batch 2 where a batch holds classifier-free guidance's pair)."""
+    spec = adapter.demo_spec
+    rule = adapter.tiny_size_rule(spec)
+    return DemoModel(adapter.demo_title, spec, adapter.tiny_pipeline,
+                     lambda spec: adapter.tiny_call_kwargs(spec, batch=1), 2 if adapter.cfg_pairs else 1,
+                     rule.max_side, rule.multiple, rule.reason, adapter.describe_blocks(spec))
 
 
-def _flux_kwargs(spec) -> dict:
-    # Guidance-distilled: the guidance is an input of the transformer, no negative prompt, one pass.
-    return {**tiny_flux_prompt_embeds(spec, batch=1), "guidance_scale": 3.5}
-
-
-def _pixart_kwargs(spec) -> dict:
-    # The embeddings are given, so no negative prompt text; the tiny model's sample size has no
-    # aspect-ratio bins, and the demo generates at exactly --size anyway.
-    return {**tiny_pixart_prompt_embeds(spec, batch=1), "guidance_scale": 4.5, "negative_prompt": None,
-            "use_resolution_binning": False}
-
-
-DEMO_MODELS = {
-    # The demo's VAE does not down-sample: one SD3 token is patch_size x patch_size pixels.
-    "sd3": DemoModel("tiny SD3 pipeline", DEMO_SPEC, tiny_pipeline, _sd3_kwargs, 2,
-                     DEMO_SPEC.sample_size // DEMO_SPEC.patch_size * DEMO_SPEC.patch_size),
-    "flux": DemoModel("tiny Flux.1 pipeline", DEMO_FLUX_SPEC, tiny_flux_pipeline, _flux_kwargs, 1, None),
-    # PixArtSigmaPipeline.check_inputs takes sides divisible by 8 only, whatever the VAE.
-    "pixart": DemoModel("tiny PixArt-Sigma pipeline", DEMO_PIXART_SPEC, tiny_pixart_pipeline, _pixart_kwargs, 2,
-                        None, 8, "PixArtSigmaPipeline takes sides divisible by 8 only"),
-}
+DEMO_MODELS = {adapter.name: demo_model(adapter) for adapter in families()}
 
 
 def check_demo_size(model: str, size: int) -> None:
@@ -137,11 +113,9 @@ def _timed(pipe, demo, size, steps, repeats) -> tuple[list[float], torch.Tensor]
 
 
 def demo_settings(model: str, steps: int, backend: str) -> dict:
-    """apply_SDTM's settings in the demo: SD3 switches phase at step 20 of 50 in proportion (so both
-    phases show at a few steps); Flux and PixArt take their family's default (None: the first 40% of the
-    steps)."""
-    switch_step = round(steps * 20 / 50) if model == "sd3" else None
-    return {"backend": backend, "switch_step": switch_step}
+    """apply_SDTM's settings in the demo: the family's demo switch step (``ModelAdapter.demo_switch_step``;
+    None: the family's default)."""
+    return {"backend": backend, "switch_step": family(model).demo_switch_step(steps)}
 
 
 def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, batch: int):
@@ -155,16 +129,16 @@ def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, b
 
 
 def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto", out: str | None = ".",
-             print_fn=print, model: str = "sd3", cache: str = "none") -> dict:
-    """Generate on the tiny pipeline of ``model`` (sd3, flux or pixart) without and with SDTM; print
+             print_fn=print, model: str | None = None, cache: str = "none") -> dict:
+    """Generate on the tiny pipeline of family ``model`` (default: the default family) without and with SDTM; print
     latency, MACs and tokens per phase, and (``out`` not None) write ``out/sdtm_demo.png``: both images
     side by side and the tokens per step. ``cache`` other than "none": four variants instead, with the step
     cache of that name (``run_stacking_demo``).
 
     ``size`` is the image side in pixels (the demo's VAE does not down-sample, so the token grid is
-    size/2 x size/2: SD3 and PixArt patches of 2 x 2 latent pixels, Flux's packed 2 x 2 patches).
-    Returns the numbers it printed.
+    size/2 x size/2: every family's tokens span 2 x 2 latent pixels). Returns the numbers it printed.
     """
+    model = model or default_family().name
     if model not in DEMO_MODELS:
         raise ValueError(f"--model must be one of {', '.join(DEMO_MODELS)}, got {model!r}.")
     check_demo_size(model, size)
@@ -179,11 +153,7 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
     spec = demo.spec
     pipe = demo.build(spec)
     settings = demo_settings(model, steps, backend)
-    blocks = (f"{spec.num_layers} double-stream + {spec.num_single_layers} single-stream blocks" if model == "flux"
-              else f"{spec.num_layers} blocks")
-    batch = "batch 2 (CFG)" if demo.batch == 2 else "batch 1 (guidance-distilled, no CFG)"
-    print_fn(f"{demo.title}: {blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, "
-             f"{steps} steps, {torch.get_num_threads()} threads")
+    print_fn(_describe(model, demo, size, steps))
     from ..models import adapter_for
 
     switch_step = adapter_for(pipe.transformer).resolve_config(SDTMConfig(**settings), steps).switch_step
@@ -243,15 +213,13 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
 
 def _describe(model: str, demo: DemoModel, size: int, steps: int) -> str:
     spec = demo.spec
-    blocks = (f"{spec.num_layers} double-stream + {spec.num_single_layers} single-stream blocks" if model == "flux"
-              else f"{spec.num_layers} blocks")
     batch = "batch 2 (CFG)" if demo.batch == 2 else "batch 1 (guidance-distilled, no CFG)"
-    return (f"{demo.title}: {blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, {steps} steps, "
+    return (f"{demo.title}: {demo.blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, {steps} steps, "
             f"{torch.get_num_threads()} threads")
 
 
 def run_stacking_demo(cache: str, size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto",
-                      out: str | None = ".", print_fn=print, model: str = "sd3") -> dict:
+                      out: str | None = ".", print_fn=print, model: str | None = None) -> dict:
     """A step cache stacked with SDTM on the tiny pipeline of ``model``: four pipelines of the same weights
     (unmerged, the cache ``cache`` alone on its deterministic schedule, SDTM alone, both), ``repeats``
     interleaved rounds after one warm-up generation each; prints latency, speedup, what each computed
@@ -261,6 +229,7 @@ def run_stacking_demo(cache: str, size: int = 96, steps: int = 12, repeats: int 
     from .bench import STACKING_VARIANTS, stacking_efficiency
     from .caches import apply_cache, check_cache, sdtm_record_counts
 
+    model = model or default_family().name
     check_cache(cache, model)
     demo = DEMO_MODELS[model]
     settings = demo_settings(model, steps, backend)
@@ -339,7 +308,7 @@ def _plot_stacking(images: dict, speedup: dict, cache: str, path: str, title: st
 
 
 def _plot(baseline_image, sdtm_image, records, steps: int, speedup: float, mac_ratio: float, path: str,
-          title: str = "tiny SD3 pipeline") -> None:
+          title: str = "tiny pipeline") -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,25 +1,17 @@
-"""``sdtm generate``: images from a local diffusers folder (SD3 / SD3.5, Flux.1, PixArt-Sigma / alpha),
-with or without SDTM.
+"""``sdtm generate``: images from a local diffusers folder of any registered model family, with or
+without SDTM.
 
-The pipeline class is the one ``model_index.json`` names: ``StableDiffusion3Pipeline``, ``FluxPipeline``,
-``PixArtSigmaPipeline`` or ``PixArtAlphaPipeline`` (``PIPELINES``); the folder must hold the text
-encoders and tokenizers that turn the prompts into embeddings. Per family:
-
-- SD3 / SD3.5: classifier-free guidance with an empty negative prompt; ``--guidance`` default 7.0;
-- Flux.1: guidance-distilled: no negative prompt and one transformer pass per step; ``--guidance``
-  (default 3.5) is the distilled guidance the transformer is conditioned on; a model without a guidance
-  embedding (FLUX.1-schnell) takes no ``--guidance`` and records ``guidance`` null;
-- PixArt: classifier-free guidance with an empty negative prompt (default 4.5); generated at exactly
-  ``--height`` x ``--width`` (diffusers' aspect-ratio binning is off: the size checked, recorded and
-  merged over is the one the transformer sees, as for the other families) and the prompt goes to T5 as
-  written (caption cleaning is off, so the images do not depend on whether the optional bs4 / ftfy
-  packages are installed).
-
-Sizes must be multiples of the VAE factor times the patch size (SD3 and PixArt: 8 x 2) or, for Flux,
-the VAE factor times 2 (its 2x2 packing), and for PixArt multiples of 8 too (its pipeline's own rule,
-whatever the VAE); SD3's token grid must fit its positional table. The SDTM switch step defaults to the
-family's (``ModelAdapter.resolve_config``: 20 for SD3, the first 40% of the steps for Flux and PixArt),
-recorded as a number in the manifest.
+The pipeline class is the one ``model_index.json`` names, one of the families' ``pipeline_classes``
+(``PIPELINES``); the folder must hold the text encoders and tokenizers that turn the prompts into
+embeddings (the family's ``text_components``). Per family (its adapter in sdtm.models): the default
+``--guidance`` and what it means (classifier-free guidance with an empty negative prompt, where values <= 1
+switch guidance off; or a guidance-distilled model's guidance, an input of the transformer, one pass per
+step, which a model without a guidance embedding does not take and records as null), the pipeline call's
+own switches (``generate_call_kwargs``: e.g. generating at exactly ``--height`` x ``--width`` and passing the
+prompt to the text encoder as written), and the size rule: multiples of the VAE factor times the latent
+pixels a token spans (``token_side``), and of the pipeline's own ``pixel_multiple``, with a token grid
+within the positional table (``max_token_grid``). The SDTM switch step defaults to the family's
+(``ModelAdapter.resolve_config``), recorded as a number in the manifest.
 
 One PNG per prompt, ``OUT/<stem>.png`` (the stem is the prompt's id made safe, see ``sdtm.cli.prompts``), and
 ``OUT/manifest.json`` (strict JSON: no NaN or Infinity)::
@@ -76,6 +68,8 @@ import torch
 
 from .cli_options import add_sdtm_options, config_from_args, positive_int, sdtm_option
 from ..core.config import SDTMConfig
+from ..models import families
+from ..models.base import ModelAdapter
 from .prompts import Prompt, load_prompts, single_prompt
 
 MANIFEST_NAME = "manifest.json"
@@ -89,33 +83,12 @@ _RECORD_LISTS = ("images", "other_images")
 _QUOTED_PROMPT_LENGTH = 40
 
 
-@dataclass(frozen=True)
-class Family:
-    """What ``generate`` needs to know of one pipeline family.
-
-    name: the SDTM adapter's name (sdtm.models). transformer_classes: the transformer classes its
-    folders name. text_components: the components the prompts need (model_index.json must list them).
-    default_guidance: ``--guidance`` when not given. packing: tokens are the pipeline's 2x2 packing of
-    latent pixels (Flux), not the transformer's patches. pixel_multiple: what the pipeline's
-    ``check_inputs`` asks of the pixel sides besides the token geometry (PixArt: divisible by 8)."""
-
-    name: str
-    transformer_classes: tuple[str, ...]
-    text_components: tuple[str, ...]
-    default_guidance: float
-    packing: bool = False
-    pixel_multiple: int = 1
+def _pipelines() -> dict[str, ModelAdapter]:
+    """Pipeline class name -> its family, for every registered family."""
+    return {name: adapter for adapter in families() for name in adapter.pipeline_classes}
 
 
-_SD3 = Family("sd3", ("SD3Transformer2DModel",), ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"), 7.0)
-_FLUX = Family("flux", ("FluxTransformer2DModel",), ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"),
-               3.5, packing=True)
-# Older PixArt folders name the transformer Transformer2DModel (norm_type ada_norm_single); diffusers loads
-# it as a PixArtTransformer2DModel.
-_PIXART = Family("pixart", ("PixArtTransformer2DModel", "Transformer2DModel"), ("tokenizer", "text_encoder"), 4.5,
-                 pixel_multiple=8)
-PIPELINES = {"StableDiffusion3Pipeline": _SD3, "FluxPipeline": _FLUX, "PixArtSigmaPipeline": _PIXART,
-             "PixArtAlphaPipeline": _PIXART}
+PIPELINES = _pipelines()
 
 
 @dataclass(frozen=True)
@@ -123,44 +96,74 @@ class ModelInfo:
     """What a diffusers folder's config files say, read before loading it.
 
     pipeline: the pipeline class (model_index.json). vae_scale: the VAE's down-sampling factor.
-    patch_size: latent pixels a token spans on each side (Flux: 2, its packing). max_grid: the positional
-    table's side in tokens (None: any size). guidance_embeds: Flux only, whether the transformer takes
-    the distilled guidance."""
+    patch_size: latent pixels a token spans on each side (``ModelAdapter.token_side``). max_grid: the
+    positional table's side in tokens (None: any size). guidance_refusal: why the model takes no guidance
+    (``ModelAdapter.guidance_refusal``), or None."""
 
     pipeline: str
-    family: Family
+    family: ModelAdapter
     vae_scale: int
     patch_size: int
     max_grid: int | None
-    guidance_embeds: bool | None = None
+    guidance_refusal: str | None = None
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``generate`` on ``subparsers`` (from ``ArgumentParser.add_subparsers``); returns it."""
     parser = subparsers.add_parser(
-        "generate", help="generate images from a local SD3 / SD3.5, Flux.1 or PixArt diffusers folder "
-                         "(resumable, torchrun)",
-        description=DESCRIPTION)
+        "generate", help=f"generate images from a local {_titles()} diffusers folder (resumable, torchrun)",
+        description=description())
     configure_parser(parser)
     return parser
 
 
-DESCRIPTION = (
-    "Loads a local diffusers folder offline with the pipeline class its model_index.json names "
-    "(StableDiffusion3Pipeline, FluxPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline; text encoders "
-    "included), writes one PNG per prompt and OUT/manifest.json, skips prompts whose PNG exists, and shards "
-    "the prompts across torchrun processes. Image i of the prompt list uses seed --seed + i. SD3 and PixArt "
-    "run classifier-free guidance with an empty negative prompt. Flux.1 is guidance-distilled: no negative "
-    "prompt, --guidance is the guidance the transformer is conditioned on (one pass per step). PixArt "
-    "generates at exactly --height x --width (diffusers' aspect-ratio binning off) and passes the prompt "
-    "to T5 as written (caption cleaning off).")
+def _titles() -> str:
+    titles = [adapter.title for adapter in families()]
+    return ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else titles[0]
+
+
+def _guidance_meaning(adapter: ModelAdapter) -> str:
+    if adapter.distilled_guidance:
+        return (f"{adapter.title} is guidance-distilled: no negative prompt, --guidance is the guidance the "
+                "transformer is conditioned on (one pass per step)")
+    return f"{adapter.title} runs classifier-free guidance with an empty negative prompt"
+
+
+def description() -> str:
+    """The description of ``sdtm generate``, with what each registered family does."""
+    return ("Loads a local diffusers folder offline with the pipeline class its model_index.json names "
+            f"({', '.join(PIPELINES)}; text encoders included), writes one output per prompt and "
+            "OUT/manifest.json, skips prompts whose output exists, and shards the prompts across torchrun "
+            "processes. Image i of the prompt list uses seed --seed + i. "
+            + ". ".join(_guidance_meaning(adapter) for adapter in families()) + ".")
+
+
+def _guidance_help() -> str:
+    parts = []
+    for adapter in families():
+        if adapter.distilled_guidance:
+            parts.append(f"{adapter.title}: the distilled guidance the transformer is conditioned on (default "
+                         f"{adapter.default_guidance}); not accepted by a model without a guidance embedding")
+        else:
+            parts.append(f"{adapter.title}: the classifier-free guidance scale, <= 1 switches guidance off "
+                         f"(default {adapter.default_guidance})")
+    return "finite and >= 0. " + "; ".join(parts)
+
+
+def _size_help() -> str:
+    rules = []
+    for adapter in families():
+        rule = f"{adapter.title}: the VAE factor x {adapter.token_phrase(adapter.token_side({}))}"
+        if adapter.pixel_multiple > 1:
+            rule += f", and a multiple of {adapter.pixel_multiple}"
+        rules.append(rule)
+    return f"pixels, a multiple of {'; '.join(rules)} (default 1024)"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``generate`` to ``parser``."""
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="local diffusers folder of a StableDiffusion3Pipeline, FluxPipeline, "
-                             "PixArtSigmaPipeline or PixArtAlphaPipeline (the class its model_index.json "
+                        help=f"local diffusers folder of a {', '.join(PIPELINES)} (the class its model_index.json "
                              "names), with its text encoders")
     parser.add_argument("--prompt", metavar="TEXT", help="one prompt (id 00000); or use --prompts")
     parser.add_argument("--prompts", metavar="FILE",
@@ -168,34 +171,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              ".jsonl (one object a line); objects: caption/prompt/text and image_id/id")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
-    parser.add_argument("--height", type=positive_int, default=1024,
-                        help="pixels, a multiple of the VAE factor x the patch size (SD3, PixArt) or x 2 "
-                             "(Flux's 2x2 packing), and for PixArt of 8: 16 for the released models "
-                             "(default 1024)")
+    parser.add_argument("--height", type=positive_int, default=1024, help=_size_help().replace("%", "%%"))
     parser.add_argument("--width", type=positive_int, default=1024, help="pixels, as --height (default 1024)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts per pipeline call (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="image i of the prompt list uses seed + i (default 0)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="finite and >= 0. SD3, PixArt: the classifier-free guidance scale, <= 1 switches "
-                             "guidance off (default 7.0 SD3, 4.5 PixArt). Flux: the distilled guidance the "
-                             "transformer is conditioned on (default 3.5); not accepted by a Flux model "
-                             "without a guidance embedding (FLUX.1-schnell)")
+    parser.add_argument("--guidance", type=float, default=None, help=_guidance_help().replace("%", "%%"))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="model dtype (default float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    from .caches import CACHES
+    from .caches import CACHES, runs_on
 
     parser.add_argument("--cache", choices=CACHES, default="none",
                         help="a step cache under SDTM (or alone with --no-sdtm) on a deterministic schedule computing "
-                             "about 70%% of the steps (sdtm.cli.caches): fbcache (diffusers' FirstBlockCache; Flux "
-                             "and PixArt), taylorseer (diffusers' TaylorSeerCache on the blocks), cache-dit (DBCache, "
-                             "the [cache] extra); recorded in the manifest (default none)")
+                             "about 70%% of the steps (sdtm.cli.caches): fbcache (diffusers' FirstBlockCache; "
+                             f"{', '.join(runs_on('fbcache'))}), taylorseer (diffusers' TaylorSeerCache on the "
+                             "blocks), cache-dit (DBCache, the [cache] extra); recorded in the manifest (default none)")
     add_sdtm_options(parser, family_switch_step=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sdtm.cli.generate ...``: the same options as ``sdtm generate``."""
-    parser = argparse.ArgumentParser(prog="python -m sdtm.cli.generate", description="sdtm generate: " + DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m sdtm.cli.generate", description="sdtm generate: " + description())
     configure_parser(parser)
     return run(parser.parse_args(argv))
 
@@ -244,14 +240,14 @@ class Job:
     cache: str | None = None  # a step cache of sdtm.cli.caches (None: none)
 
     @property
-    def family(self) -> Family:
+    def family(self) -> ModelAdapter:
         return PIPELINES[self.pipeline]
 
     def path(self, index: int) -> str:
         return os.path.join(self.out, self.file(index))
 
     def file(self, index: int) -> str:
-        return self.prompts[index].stem + ".png"
+        return self.prompts[index].stem + self.family.output_suffix
 
     def settings(self) -> dict:
         return {
@@ -352,8 +348,9 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give exactly one of --prompt TEXT and --prompts FILE.")
     info = model_info(args.model)
-    check_size(args.height, args.width, info.vae_scale, info.patch_size, info.max_grid, packing=info.family.packing,
-               pixel_multiple=info.family.pixel_multiple, pipeline=info.pipeline)
+    check_size(args.height, args.width, info.vae_scale, info.patch_size, info.max_grid,
+               token=info.family.token_phrase(info.patch_size), pixel_multiple=info.family.pixel_multiple,
+               pipeline=info.pipeline)
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
@@ -395,19 +392,23 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
 
 
 def resolve_guidance(given: float | None, info: ModelInfo) -> float | None:
-    """The guidance of the pipeline call: ``given`` or the family's default; None for a Flux model without
-    a guidance embedding (which takes none). Raises ValueError for a value that is not finite or negative,
-    and for a guidance given to a model that would ignore it."""
-    if info.family is _FLUX and not info.guidance_embeds:
+    """The guidance of the pipeline call: ``given`` or the family's default; None for a model that takes none
+    (``ModelAdapter.guidance_refusal``, e.g. a guidance-distilled model without a guidance embedding).
+    Raises ValueError for a value that is not finite or negative, and for a guidance given to a model that
+    would ignore it."""
+    family = info.family
+    if info.guidance_refusal is not None:
         if given is not None:
-            raise ValueError(f"--guidance: this {info.pipeline} has no guidance embedding (transformer/config.json "
-                             "guidance_embeds is false, as in FLUX.1-schnell), so it takes no guidance; drop "
-                             "--guidance.")
+            raise ValueError(f"--guidance: this {info.pipeline} {info.guidance_refusal}, so it takes no guidance; "
+                             "drop --guidance.")
         return None
-    value = info.family.default_guidance if given is None else given
+    value = family.default_guidance if given is None else given
+    if value is None:  # a family without a default guidance passes none
+        return None
     if not math.isfinite(value) or value < 0:
-        if info.family is _FLUX:
-            raise ValueError(f"--guidance (Flux's distilled guidance) must be a finite number >= 0, got {value}.")
+        if family.distilled_guidance:
+            raise ValueError(f"--guidance ({family.title}'s distilled guidance) must be a finite number >= 0, got "
+                             f"{value}.")
         raise ValueError(f"--guidance must be a finite number >= 0 (values <= 1 switch guidance off), got {value}.")
     return value
 
@@ -415,10 +416,7 @@ def resolve_guidance(given: float | None, info: ModelInfo) -> float | None:
 def resolve_switch_step(sdtm: SDTMConfig, info: ModelInfo, steps: int) -> SDTMConfig:
     """``sdtm`` with ``switch_step=None`` replaced by the family's default for ``steps`` steps (as
     apply_sdtm would resolve it), so that the manifest records the number."""
-    from ..models import ADAPTERS
-
-    adapter = next(a for a in ADAPTERS if a.name == info.family.name)
-    return adapter.resolve_config(sdtm, steps)
+    return info.family.resolve_config(sdtm, steps)
 
 
 def sdtm_from_args(args: argparse.Namespace) -> SDTMConfig | None:
@@ -507,24 +505,16 @@ def model_info(model: str) -> ModelInfo:
     vae = _read_json_object(os.path.join(model, "vae", "config.json"))
     transformer = _read_json_object(os.path.join(model, "transformer", "config.json"))
     transformer_class = transformer.get("_class_name")
-    if transformer_class not in family.transformer_classes or (
-            transformer_class == "Transformer2DModel" and transformer.get("norm_type") != "ada_norm_single"):
+    if transformer_class not in family.config_classes or not family.owns_config(transformer):
         raise ValueError(f"--model {model!r}: transformer/config.json names {transformer_class!r}, not the "
-                         f"{' or '.join(family.transformer_classes[:1])} of a {pipeline}.")
+                         f"{family.config_classes[0]} of a {pipeline}.")
     channels, patch_size = vae.get("block_out_channels"), transformer.get("patch_size")
     if not isinstance(channels, list) or not channels or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"--model {model!r}: vae/config.json needs block_out_channels and transformer/config.json "
                          f"a patch_size, as a {pipeline} folder has.")
     vae_scale = 2 ** (len(channels) - 1)
-    if family is _FLUX:
-        # FluxPipeline packs 2x2 latent pixels into one token whatever the transformer's patch size (1);
-        # rotary positions cover any grid.
-        return ModelInfo(pipeline, family, vae_scale, 2, None, bool(transformer.get("guidance_embeds", False)))
-    if family is _PIXART:
-        # PixArt computes its sin-cos table for each input size: no largest grid.
-        return ModelInfo(pipeline, family, vae_scale, patch_size, None)
-    max_grid = transformer.get("pos_embed_max_size")
-    return ModelInfo(pipeline, family, vae_scale, patch_size, max_grid if isinstance(max_grid, int) else None)
+    return ModelInfo(pipeline, family, vae_scale, family.token_side(transformer), family.max_token_grid(transformer),
+                     family.guidance_refusal(transformer))
 
 
 def model_geometry(model: str) -> tuple[int, int, int | None]:
@@ -535,14 +525,13 @@ def model_geometry(model: str) -> tuple[int, int, int | None]:
 
 
 def check_size(height: int, width: int, vae_scale: int, patch_size: int, max_grid: int | None,
-               packing: bool = False, pixel_multiple: int = 1, pipeline: str = "pipeline") -> None:
+               token: str | None = None, pixel_multiple: int = 1, pipeline: str = "pipeline") -> None:
     """Height and width must be positive multiples of vae_scale * patch_size (and of ``pixel_multiple``,
-    the pipeline's own rule: PixArt's 8) whose token grid fits the positional table (``max_grid`` tokens
-    a side). ``packing``: the tokens are 2x2 packed latent pixels (Flux; ``patch_size`` 2), said so in
-    the message."""
+    the pipeline's own rule) whose token grid fits the positional table (``max_grid`` tokens a side).
+    ``token``: the token's side in the message (``ModelAdapter.token_phrase``; default "patch N")."""
     token_pixels = vae_scale * patch_size
     multiple = math.lcm(token_pixels, pixel_multiple)
-    token = "2x2 packing" if packing else f"patch {patch_size}"
+    token = token or f"patch {patch_size}"
     if height < 1 or width < 1 or height % multiple or width % multiple:
         rule = f"VAE factor {vae_scale} x {token}"
         if multiple != token_pixels:
@@ -623,8 +612,8 @@ def cast_components(pipe: Any, dtype: torch.dtype) -> None:
 
     ``from_pretrained(torch_dtype=...)`` does not guarantee it: without ``accelerate``, diffusers loads a
     checkpoint by assigning its tensors (keeping the checkpoint's dtype) whenever the model's first
-    state-dict entry already has the checkpoint's dtype; SD3's first entry is the positional table, a
-    buffer always built in float32, so a float32 checkpoint leaves the whole transformer in float32.
+    state-dict entry already has the checkpoint's dtype; where that first entry is a buffer always built in
+    float32 (a positional table, say), a float32 checkpoint leaves the whole transformer in float32.
     Tensors that a model keeps in float32 on purpose (``_keep_in_fp32_modules``, e.g. T5's ``wo`` under
     float16; ``_keep_in_fp32_modules_strict``) stay as loaded. Raises ValueError if anything else is
     left in another dtype."""
@@ -778,25 +767,22 @@ def _generate(job: Job, pipe: Any, pending: list[int]) -> Iterator[dict[int, dic
         seeds = [job.seed + i for i in batch]
         generators = [torch.Generator(job.device).manual_seed(seed) for seed in seeds]
         start = time.perf_counter()
-        images = pipe(prompt=[job.prompts[i].text for i in batch], num_inference_steps=job.steps,
-                      height=job.height, width=job.width, generator=generators, **pipeline_kwargs(job)).images
+        result = pipe(prompt=[job.prompts[i].text for i in batch], num_inference_steps=job.steps,
+                      height=job.height, width=job.width, generator=generators, **pipeline_kwargs(job))
+        outputs = job.family.outputs(result)
         seconds = (time.perf_counter() - start) / len(batch)
         records = {}
-        for index, image in zip(batch, images):
-            write_atomically(job.path(index), lambda f, image=image: image.save(f, format="PNG"))
+        for index, output in zip(batch, outputs):
+            write_atomically(job.path(index), lambda f, output=output: job.family.save_output(output, f))
             records[index] = job.record(index, seconds)
         yield records
 
 
 def pipeline_kwargs(job: Job) -> dict:
-    """The family's arguments of a pipeline call besides prompts, size, steps and generators: the
-    guidance (Flux: the distilled guidance, none for a model without a guidance embedding; no negative
-    prompt is passed to any family, so Flux runs no true CFG); PixArt: no aspect-ratio binning (the
-    image is generated at the size asked for) and no caption cleaning (the prompt goes to T5 as written)."""
-    kwargs: dict[str, Any] = {} if job.guidance is None else {"guidance_scale": job.guidance}
-    if job.family is _PIXART:
-        kwargs.update(use_resolution_binning=False, clean_caption=False)
-    return kwargs
+    """The family's arguments of a pipeline call besides prompts, size, steps and generators
+    (``ModelAdapter.generate_call_kwargs``): the guidance (none where the model takes none; no negative
+    prompt is passed to any family) and the family's switches."""
+    return job.family.generate_call_kwargs(job.guidance)
 
 
 def check_existing_images(job: Job, previous: dict) -> None:
@@ -869,7 +855,7 @@ def _other_records(job: Job, previous: dict) -> list[dict]:
     ours = {job.file(index) for index in range(len(job.prompts))}
     others = []
     for name, record in sorted(_records_by_file(previous).items()):
-        if name not in ours and name.endswith(".png") and os.path.isfile(os.path.join(job.out, name)):
+        if name not in ours and name.endswith(job.family.output_suffix) and os.path.isfile(os.path.join(job.out, name)):
             carried = {key: value for key, value in record.items() if key != "index"}
             others.append(_with_settings(carried, record["settings"], job))
     return others

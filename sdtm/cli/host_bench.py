@@ -1,10 +1,10 @@
 """Host cost of SDTM: time per denoising step and launches per step and per block, unmerged against SDTM.
 
 On a GPU the host that launches the kernels bounds SDTM's speed once the tensors are small enough. This
-benchmark reproduces that regime on any machine: the SD3-medium topology (24 joint blocks, the last one
-without text output, patch 2, 16 latent channels) with tensors shrunk until their compute is small (one
-head of width 16, a 16 x 16 token grid, 16 text tokens, batch 2, float32), run over a whole schedule that
-has protected, structure and detail steps.
+benchmark reproduces that regime on any machine: the host family's topology (the first registered family
+with a ``ModelAdapter.host_topology``: its released model's blocks, 24 by default) with tensors shrunk until
+their compute is small (one head of width 16, a 16 x 16 token grid, 16 text tokens, batch 2, float32), run
+over a whole schedule that has protected, structure and detail steps.
 
 Launches: every op that reaches the dispatcher's kernels, counted with a ``TorchDispatchMode`` (aten ops
 after the composite ones such as ``linear`` or ``layer_norm`` were decomposed, and SDTM's compiled
@@ -56,7 +56,8 @@ from tqdm import tqdm
 from ..core.config import SDTMConfig
 from ..core.ops import cpp_unavailable_reason, ops_for, triton_unavailable_reason
 from ..core.patch import apply_sdtm, sdtm_state
-from ..tiny import TinySpec, tiny_transformer
+from ..models import adapter_for, families
+from ..models.base import ModelAdapter
 
 OUTSIDE = -1  # the region of ops run outside any block (embeddings, output layers, SDTM's pre-hook)
 UNMERGED = "unmerged"
@@ -70,10 +71,19 @@ _ALLOCATION_OPS = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.at
                    torch.ops.aten.empty_strided, torch.ops.aten.new_empty_strided}
 
 
+def host_family() -> ModelAdapter:
+    """The family whose topology the host benchmark shrinks: the first registered with a ``host_topology``."""
+    for adapter in families():
+        if adapter.host_topology is not None:
+            return adapter
+    raise ValueError("no registered model family has a host_topology for the host benchmark.")
+
+
 @dataclass(frozen=True)
 class HostSetting:
-    """The shrunk SD3-medium of the benchmark and its schedule. ``grid`` is the token grid side (latent
-    side ``2 * grid``, patch 2); SDTM runs its defaults except ``switch_step`` (and ``ratio`` /
+    """The shrunk host topology of the benchmark (``host_family``) and its schedule. ``grid`` is the token
+    grid side (latent side ``2 * grid``, 2 x 2 latent pixels a token); SDTM runs its defaults except
+    ``switch_step`` (and ``ratio`` /
     ``deviation`` when given), so ``steps`` = 12 with ``switch_step`` = 5 and protection every 3rd step
     has protected (0, 3, 6, 9), structure (1, 2, 4, 5) and detail (7, 8, 10, 11) steps."""
 
@@ -97,12 +107,6 @@ class HostSetting:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         self.sdtm_config("torch")  # validates ratio, deviation and switch_step
-
-    @property
-    def spec(self) -> TinySpec:
-        return TinySpec(num_layers=self.layers, heads=self.heads, head_dim=self.head_dim,
-                        joint_attention_dim=self.joint_attention_dim, pooled_projection_dim=self.pooled_projection_dim,
-                        in_channels=16, patch_size=2, sample_size=2 * self.grid, text_tokens=self.text_tokens)
 
     def sdtm_config(self, backend: str) -> SDTMConfig:
         return SDTMConfig(ratio=self.ratio, deviation=self.deviation, switch_step=self.switch_step, backend=backend)
@@ -177,8 +181,8 @@ class LaunchCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def block_regions(transformer: torch.nn.Module, counter: LaunchCounter) -> Iterator[None]:
-    """Attribute the ops of each joint block to its layer while active (module hooks; eager only)."""
-    blocks = list(transformer.transformer_blocks)
+    """Attribute the ops of each block to its layer while active (module hooks; eager only)."""
+    blocks = adapter_for(transformer).blocks(transformer)
     handles = []
     for layer, block in enumerate(blocks):
         def enter(module, args, layer=layer):
@@ -238,8 +242,9 @@ def count_triton_launches(counter: LaunchCounter) -> Iterator[None]:
 
 
 def host_transformer(setting: HostSetting, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The shrunk SD3-medium transformer of ``setting`` (random weights, eval mode, float32)."""
-    model = tiny_transformer(setting.spec, seed=setting.seed)
+    """The shrunk host topology of ``setting`` (``ModelAdapter.host_transformer``: random weights, eval mode,
+    float32)."""
+    model = host_family().host_transformer(setting)
     return torch.nn.Module.to(model, device=device)
 
 
@@ -254,35 +259,44 @@ def _private_forward(transformer: torch.nn.Module) -> None:
     transformer.forward = types.MethodType(private, transformer)
 
 
+class _Forward:
+    """Stands for the transformer in the family's denoising loop: calls the denoiser's current ``model``
+    (eager or compiled) and reports the transformer's device, dtype and config."""
+
+    def __init__(self, denoiser: "HostDenoiser"):
+        self._denoiser = denoiser
+
+    def __getattr__(self, name: str):
+        return getattr(self._denoiser.transformer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._denoiser.model(*args, **kwargs)
+
+
 class HostDenoiser:
-    """One variant: a transformer (patched or not, compiled or not) over the setting's flow-matching
-    schedule on fixed random inputs."""
+    """One variant: a transformer (patched or not, compiled or not) over its family's schedule on fixed
+    random inputs (``ModelAdapter.denoising_inputs``), called through ``model`` (the transformer, or its
+    compiled form)."""
 
     def __init__(self, transformer: torch.nn.Module, setting: HostSetting, device: torch.device):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         g = torch.Generator().manual_seed(setting.seed)
         side = 2 * setting.grid
         self.setting, self.device = setting, device
         self.transformer = self.model = transformer
-        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        self.latents = torch.randn(setting.batch, 16, side, side, generator=g).to(device)
-        self.context = torch.randn(setting.batch, setting.text_tokens, setting.joint_attention_dim,
-                                   generator=g).to(device)
-        self.pooled = torch.randn(setting.batch, setting.pooled_projection_dim, generator=g).to(device)
+        self.inputs = adapter_for(transformer).denoising_inputs(
+            _Forward(self), side, side, setting.batch, setting.text_tokens, g)
+        self.scheduler, self.latents = self.inputs.scheduler, self.inputs.latents
 
     @torch.no_grad()
     def generation(self, step_seconds: list[float] | None = None,
                    on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """One generation; appends each transformer call's host seconds to ``step_seconds``."""
-        self.scheduler.set_timesteps(self.setting.steps, device=self.device)
         x = self.latents
-        for step, t in enumerate(self.scheduler.timesteps):
+        for step, t in enumerate(self.inputs.set_timesteps(self.setting.steps)):
             if on_step is not None:
                 on_step(step)
             start = time.perf_counter()
-            out = self.model(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=self.context,
-                             pooled_projections=self.pooled, return_dict=False)[0]
+            out = self.inputs.predict(x, t)
             if step_seconds is not None:
                 step_seconds.append(time.perf_counter() - start)
             if on_step is not None:
@@ -429,7 +443,7 @@ class RegionTimer:
             self.transformer.register_forward_pre_hook(lambda m, a: self._since("call", self.hooks_s, self.step)),
             self.transformer.register_forward_hook(lambda m, a, o: self._since("call", self.calls_s, self.step)),
         ]
-        for layer, block in enumerate(self.transformer.transformer_blocks):
+        for layer, block in enumerate(adapter_for(self.transformer).blocks(self.transformer)):
             handles.append(block.register_forward_pre_hook(lambda m, a: self._mark("block")))
             handles.append(block.register_forward_hook(
                 lambda m, a, o, layer=layer: self._since("block", self.blocks_s, (self.step, layer))))
@@ -448,7 +462,7 @@ class RegionTimer:
 
 def host_breakdown(timers: list[RegionTimer], phases: dict[tuple[int, int], str], layers: int) -> dict:
     """Medians over the timed generations of ``timers``: ms per step in the pre-hooks, in the blocks and
-    in the rest of the call; µs per call of a joint block (all but the last) by phase."""
+    in the rest of the call; µs per call of a block (all but the last, which may differ) by phase."""
     hooks, blocks, rest = [], [], []
     per_phase = collections.defaultdict(list)
     for timer in timers:
@@ -741,14 +755,14 @@ def format_host_report(result: dict) -> str:
     host time by region, and the ratios of SDTM over unmerged."""
     s = result["setting"]
     lines = [
-        f"SD3-medium topology shrunk: {s['layers']} blocks, {s['heads']} head(s) x {s['head_dim']} "
+        f"{host_family().host_topology} shrunk: {s['layers']} blocks, {s['heads']} head(s) x {s['head_dim']} "
         f"(C={s['channels']}), {s['grid']}x{s['grid']} image + {s['text_tokens']} text tokens, batch {s['batch']}, "
         f"float32, {s['threads']} thread(s); {s['steps']} steps, switch_step {s['switch_step']}, ratio "
         f"{s['ratio']} +- {s['deviation']}; compiled with {s['compile_backend'] or '(none)'}",
         "host ms/step: median over the timed steps of the transformer call (SDTM's pre-hook included; mean: "
         "a generation's mean step, median over rounds); "
         "launches: ops reaching the dispatcher's kernels (views excluded) plus Triton launches; per block: "
-        "a joint block's typical call",
+        "a block's typical call",
         f"{'variant':22}{'host ms/step':>13}{'(mean)':>8}{'first gen s':>12}{'launches/step':>14}{'outside':>9}  "
         "launches per block call by phase",
     ]
@@ -765,7 +779,7 @@ def format_host_report(result: dict) -> str:
         lines.append(f"  {row['label']:20}"
                      + "  ".join(f"{k} {v:.2f}" for k, v in row["host_ms_per_step_kind"].items()))
     lines.append("eager host time by region (hooks; separate rounds): ms per step in SDTM's pre-hook / in the "
-                 "blocks / in the rest of the call; µs per joint block call by phase")
+                 "blocks / in the rest of the call; µs per block call by phase")
     for row in result["variants"]:
         b = row.get("host_breakdown")
         if b:

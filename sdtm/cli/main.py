@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Callable
 
 from .cli_options import add_sdtm_options, config_from_args, positive_int
+from ..models import default_family, families, family_names, presets
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,21 +30,41 @@ def _even(text: str) -> int:
     return value
 
 
+def _families_text(describe: Callable) -> str:
+    """``describe(adapter)`` for each registered family, joined."""
+    return "; ".join(f"{adapter.name}: {describe(adapter)}" for adapter in families())
+
+
+def _demo_family(adapter) -> str:
+    from .demo import demo_model
+
+    demo = demo_model(adapter)
+    batch = "classifier-free guidance, batch 2" if demo.batch == 2 else "guidance-distilled, batch 1"
+    switch = adapter.demo_switch_step(50)
+    switch = (f"switch step {switch} of 50 steps, in proportion" if switch is not None
+              else f"the family's switch step ({adapter.describe_switch_step()})")
+    return f"{demo.title} ({batch}; {switch})"
+
+
+def _demo_sizes(adapter) -> str:
+    rule = adapter.tiny_size_rule(adapter.demo_spec)
+    limit = f", at most {rule.max_side}" if rule.max_side is not None else ""
+    return f"multiples of {rule.multiple}{limit}"
+
+
 def _add_demo(commands) -> None:
+    default = default_family().name
     demo = commands.add_parser(
-        "demo", help="generate on a tiny built-in SD3, Flux.1 or PixArt-Sigma pipeline with and without SDTM "
-                     "and compare",
+        "demo", help="generate on a tiny built-in pipeline of a model family with and without SDTM and compare",
         description="Builds a tiny pipeline of the --model family from config (random weights, no downloads), "
                     "generates with and without SDTM, prints latency, MACs, speedup and tokens per phase, and "
-                    "writes a PNG (the two images side by side and the tokens per step). SD3 and PixArt run "
-                    "classifier-free guidance (batch 2), Flux.1 is guidance-distilled (batch 1). SDTM's switch "
-                    "step: SD3 step round(steps x 20 / 50) (the reference's 20 of 50), Flux and PixArt their "
-                    "family's default (the first 40% of the steps).")
-    demo.add_argument("--model", choices=["sd3", "flux", "pixart"], default="sd3",
-                      help="model family of the tiny pipeline (default sd3)")
+                    "writes a PNG (the two images side by side and the tokens per step). "
+                    + _families_text(_demo_family).replace("%", "%%") + ".")
+    demo.add_argument("--model", choices=family_names(), default=default,
+                      help=f"model family of the tiny pipeline (default {default})")
     demo.add_argument("--size", type=_even, default=96,
                       help="image side in pixels (default 96: 48x48 tokens; the tiny VAE does not down-sample; "
-                           "sd3: at most 96)")
+                           + _families_text(_demo_sizes) + ")")
     demo.add_argument("--steps", type=positive_int, default=12, help="denoising steps (default 12)")
     demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
     demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
@@ -51,7 +72,13 @@ def _add_demo(commands) -> None:
     _add_cache_option(demo, "a step cache stacked with SDTM (sdtm.cli.caches, a deterministic schedule computing "
                             "about 70%% of the steps): four variants instead of two (unmerged, the cache alone, "
                             "SDTM alone, both), with the block calls each computed and the stacking efficiency; "
-                            "fbcache: flux and pixart; cache-dit: the [cache] extra (default: none, no cache)")
+                            f"fbcache: {_fbcache_families()}; cache-dit: the [cache] extra (default: none, no cache)")
+
+
+def _fbcache_families() -> str:
+    from .caches import runs_on
+
+    return " and ".join(runs_on("fbcache"))
 
 
 def _add_macs(commands) -> None:
@@ -60,12 +87,14 @@ def _add_macs(commands) -> None:
         description="Counts the multiply-accumulates of every transformer call of a generation on the meta "
                     "device (no weights, no memory), without and with SDTM, with a per-phase breakdown.")
     macs.add_argument("--config", required=True,
-                      help="sd3-medium, sd3.5-medium, sd3.5-large, pixart-sigma, pixart-alpha, flux-dev, flux-schnell, a transformer config.json or a diffusers folder")
+                      help=f"{', '.join(presets())}, a transformer config.json or a diffusers folder")
     macs.add_argument("--height", type=positive_int, default=1024)
     macs.add_argument("--width", type=positive_int, default=1024)
     macs.add_argument("--steps", type=positive_int, default=50)
     macs.add_argument("--batch", type=positive_int, default=2, help="batch per transformer call (2 with CFG)")
-    macs.add_argument("--text-tokens", type=positive_int, help="text tokens (default: 333 SD3, 300 Sigma, 120 alpha, 512 Flux dev, 256 Flux schnell)")
+    text_tokens = ", ".join(f"{adapter.text_tokens(preset.config)} {name}" for name, (adapter, preset) in presets().items())
+    macs.add_argument("--text-tokens", type=positive_int,
+                      help=f"text tokens (default: the model family's pipeline's: {text_tokens})")
     macs.add_argument("--json", action="store_true", help="print one JSON object")
     macs.add_argument("--plot", help="write tokens and MACs per step to this PNG")
     add_sdtm_options(macs, with_disable=False, family_switch_step=True)
@@ -76,9 +105,9 @@ def _add_macs(commands) -> None:
 _HOST_OPTIONS = (
     ("--steps", positive_int, 12, "denoising steps (host: default 12; e2e --cache: default 10)"),
     ("--switch-step", int, 5, "last structure-phase step (default 5: protected, structure and detail steps)"),
-    ("--layers", positive_int, 24, "joint blocks (host: default 24, SD3-medium; e2e --cache: the --model's "
-                                   "shrunk transformer's, Flux: double-stream blocks, plus twice as many "
-                                   "single-stream ones)"),
+    ("--layers", positive_int, 24, "blocks (host: default 24, as the host topology's released model; e2e --cache: "
+                                   "the --model's shrunk transformer's: the first kind of blocks where a family "
+                                   "has two)"),
     ("--grid", positive_int, 16, "image token grid side (host: default 16: 16x16 tokens; e2e --cache: default 32)"),
     ("--text-tokens", positive_int, 16, "text tokens (default 16)"),
     ("--heads", positive_int, 1, "attention heads (host: default 1; e2e --cache: the --model's shrunk "
@@ -111,16 +140,14 @@ def _add_bench(commands) -> None:
                     "and ratios with the machine's description. e2e: a transformer of the --model family's "
                     "shape, shrunk for the CPU, over a whole denoising schedule, unmerged and with SDTM per "
                     "backend, against the theoretical MAC ratio (meta device); and SDTM at ratio 0.5 in "
-                    "every step against the unmerged model on as many tokens. host: an SD3-medium topology with tensors "
-                    "shrunk until compute is small, unmerged and SDTM per backend, eager and compiled: host "
+                    "every step against the unmerged model on as many tokens. host: a released model's topology "
+                    "(the first family with one) with tensors shrunk until compute is small, unmerged and SDTM per backend, eager and compiled: host "
                     "time per denoising step and launches (dispatched ops) per step and per block by phase.")
     bench.add_argument("what", choices=["kernels", "block", "e2e", "host"])
-    bench.add_argument("--model", choices=["sd3", "flux", "pixart"], default=None,
-                       help="e2e only: the transformer's family (default sd3): SD3-shaped (C=768, 2 blocks, "
-                            "333 text tokens, batch 2), FLUX.1-dev-shaped (C=768, 1 double-stream + 2 "
-                            "single-stream blocks, 512 text tokens, batch 1: guidance-distilled) or "
-                            "PixArt-Sigma-shaped (C=576, 2 blocks, 300 text tokens, batch 2); 64x64 tokens, "
-                            "10 steps, SDTM's defaults with the family's switch step")
+    bench.add_argument("--model", choices=family_names(), default=None,
+                       help=f"e2e only: the transformer's family (default {default_family().name}): "
+                            + _families_text(lambda adapter: adapter.bench_help)
+                            + "; 64x64 tokens, 10 steps, SDTM's defaults with the family's switch step")
     bench.add_argument("--rounds", type=positive_int, default=5)
     bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,
                        help="backends to compare (kernels: default every one available here, torch always "
@@ -132,7 +159,7 @@ def _add_bench(commands) -> None:
                              "variants in interleaved rounds (unmerged, the cache alone, SDTM alone, both) on a "
                              "deterministic cache schedule (about 70%% of the steps computed), with the steps and "
                              "blocks each computed and the stacking efficiency speedup(both) / (speedup(cache) x "
-                             "speedup(sdtm)); fbcache: flux and pixart; cache-dit: the [cache] extra; none: the "
+                             f"speedup(sdtm)); fbcache: {_fbcache_families()}; cache-dit: the [cache] extra; none: the "
                              "control (no cache). 32x32 tokens, 10 steps by default (--grid, --steps, --layers, "
                              "--heads, --threads); one SDTM backend (--backends, default cpp when built, else torch)")
     host = bench.add_argument_group("host (and e2e --cache) options")
@@ -142,7 +169,7 @@ def _add_bench(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtm", description="Structure-then-Detail Token Merging for diffusion transformers "
-                                              "(SD3 / SD3.5, Flux.1, PixArt-alpha / Sigma).")
+                                              f"({', '.join(a.title for a in families())}).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_demo(commands)
     from . import generate
@@ -199,8 +226,8 @@ def _run_macs(args) -> int:
 
 def _check_demo_args(args) -> None:
     """Raise a ValueError before any work when the demo's options cannot run: an image side the family's
-    pipeline refuses (PixArt: not a multiple of 8) or larger than the tiny model's positional table
-    (SD3), an output folder that is missing or read-only, a backend that does not run on the CPU (where
+    tiny pipeline refuses (``ModelAdapter.tiny_size_rule``: not a multiple, or larger than its positional
+    table), an output folder that is missing or read-only, a backend that does not run on the CPU (where
     the demo runs), a step cache that does not run on the model or is not installed."""
     import torch
 
@@ -307,7 +334,9 @@ def _run_bench(args) -> int:
                                              for r in shares]}
         labels = [f"{r.backend} {r.phase}" for r in shares]
         values = [r.share * 100 for r in shares]
-        text = [f"SD3 block (C=1536, 64x64 image + 333 text tokens, batch 2): unmerged "
+        adapter = default_family()
+        text = [f"{adapter.title} block (C={24 * adapter.bench_head_dim}, 64x64 image + {adapter.bench_text_tokens} text "
+                "tokens, batch 2): unmerged "
                 f"{shares[0].block_seconds * 1e3:.1f} ms, of which {shares[0].replaced_seconds * 1e3:.1f} ms "
                 "norm2 + modulation + gates + residual adds; added by SDTM at ratio 0.5 (plan, merges, unmerges):"]
         text += [f"  {r.backend:8}{r.phase:5}{r.added_seconds * 1e3:>9.1f} ms  {r.share:.2%} of the block "
@@ -317,7 +346,7 @@ def _run_bench(args) -> int:
     else:
         backends = requested or ["torch", "cpp"]
         result = {"machine": info, **bench_e2e(backends, rounds=args.rounds, progress=not args.json,
-                                               model=args.model or "sd3")}
+                                               model=args.model or default_family().name)}
         labels, values = backends, [result["speedup"][b] for b in backends]
         (gh, gw), (sh, sw) = result["grids"]["sdtm"], result["grids"]["unmerged_equal_tokens"]
         shape = result["transformer"]
@@ -367,7 +396,7 @@ def _run_stacking_bench(args, requested, info):
     try:
         info = {**info, "torch_threads": torch.get_num_threads()}
         result = {"machine": info, **bench_stacking(
-            args.cache, backend, rounds=args.rounds, progress=not args.json, model=args.model or "sd3",
+            args.cache, backend, rounds=args.rounds, progress=not args.json, model=args.model or default_family().name,
             num_layers=args.layers, heads=args.heads, **options)}
     finally:
         torch.set_num_threads(previous)

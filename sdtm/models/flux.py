@@ -33,6 +33,7 @@ Blocks that do not merge at a step run diffusers' forward untouched (sdtm/core/h
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from ..core import engine, norms
 from ..core.schedule import BlockMode
 from ..core.state import BlockLink
-from .base import CallInfo, ModelAdapter, argument
+from .base import (CallInfo, DenoisingInputs, ModelAdapter, Preset, argument, cast_module, is_int, meta_tensor)
 
 FLUX_TIMESTEP_SCALE = 1000.0
 
@@ -276,6 +277,103 @@ def flux_single_block_forward(
     return text, _clip_fp16(image)
 
 
+# --------------------------------------------------------------------------------------- shapes and tiny models
+DEV_TEXT_TOKENS = 512  # FluxPipeline's max_sequence_length for FLUX.1-dev
+SCHNELL_TEXT_TOKENS = 256  # and for FLUX.1-schnell
+PACKING = 2  # FluxPipeline packs 2x2 latent pixels into one token
+# FLUX.1 at any size: 19 double-stream and 38 single-stream blocks of width 24 x 128 = 3072, 64 channels a
+# packed token (16 latent channels x 2 x 2), T5-XXL (4096) and CLIP pooled (768) text.
+_FLUX_COMMON = dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=64, out_channels=None,
+                    num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                    joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+
+
+def flux_shaped_transformer(num_layers: int = 1, num_single_layers: int | None = None, heads: int = 6,
+                            seed: int = 0, device="cpu", dtype=torch.float32):
+    """FLUX.1-dev's widths (head width 128 with rotary axes 16 + 56 + 56, 16 latent channels packed 2x2 into
+    64, T5 context 4096 wide, pooled CLIP vector 768 wide, guidance embedding), ``num_layers``
+    double-stream blocks and ``num_single_layers`` single-stream ones (default twice as many, as in
+    FLUX.1-dev's 19 + 38), C = heads * 128, random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers,
+        num_single_layers=2 * num_layers if num_single_layers is None else num_single_layers,
+        attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768,
+        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )
+    return cast_module(model, device, dtype)
+
+
+@dataclass(frozen=True)
+class TinyFluxSpec:
+    """Shape of a tiny Flux.1 transformer: ``num_layers`` double-stream and ``num_single_layers``
+    single-stream blocks; tokens are 2x2 patches of a ``latent_channels``-channel latent (packed by the
+    pipeline); the rotary axes split ``head_dim``. ``guidance``: guidance-distilled (Flux.1-dev style)."""
+
+    num_layers: int = 1
+    num_single_layers: int = 2
+    heads: int = 2
+    head_dim: int = 16
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    joint_attention_dim: int = 32
+    pooled_projection_dim: int = 16
+    latent_channels: int = 4
+    guidance: bool = True
+    text_tokens: int = 7
+
+    @property
+    def channels(self) -> int:
+        return self.heads * self.head_dim
+
+
+def tiny_flux_pipeline(spec: TinyFluxSpec = TinyFluxSpec(), seed: int = 0, dtype=torch.float32):
+    """A ``FluxPipeline`` with a tiny transformer and VAE (no down-sampling: an image of side s has an
+    (s/2) x (s/2) token grid), no text encoders. Call it with ``tiny_flux_prompt_embeds``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from ..tiny import tiny_vae
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * spec.latent_channels,
+        num_layers=spec.num_layers,
+        num_single_layers=spec.num_single_layers,
+        attention_head_dim=spec.head_dim,
+        num_attention_heads=spec.heads,
+        joint_attention_dim=spec.joint_attention_dim,
+        pooled_projection_dim=spec.pooled_projection_dim,
+        guidance_embeds=spec.guidance,
+        axes_dims_rope=spec.axes_dims_rope,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(spec.latent_channels, seed, dtype),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer.to(dtype).eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_prompt_embeds(spec: TinyFluxSpec, batch: int = 1, seed: int = 0, dtype=torch.float32) -> dict:
+    """Keyword arguments with random prompt embeddings (T5-like sequence and pooled CLIP-like vector)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(batch, spec.text_tokens, spec.joint_attention_dim, generator=generator).to(dtype),
+        "pooled_prompt_embeds": torch.randn(batch, spec.pooled_projection_dim, generator=generator).to(dtype),
+    }
+
+
 # --------------------------------------------------------------------------------------- the adapter
 class FluxAdapter(ModelAdapter):
     """Flux.1 (dev, schnell and fine-tunes with the same blocks): packed 2x2 latent tokens placed by
@@ -290,6 +388,7 @@ class FluxAdapter(ModelAdapter):
     }
     cfg_pairs = False
     structure_share = 0.4  # unvalidated on real weights (README)
+    title = "Flux"
 
     def sublayers(self, block: torch.nn.Module) -> dict[str, str]:
         if _is(block, "FluxSingleTransformerBlock"):
@@ -308,6 +407,157 @@ class FluxAdapter(ModelAdapter):
         return CallInfo(timestep, height, width, hidden_states.shape[0], hidden_states.device,
                         timestep_scale=FLUX_TIMESTEP_SCALE)
 
+
+    # ---- what the command line, the demo and the benchmarks need (sdtm.models.base.ModelAdapter) -------------
+
+    # sdtm macs: FluxPipeline packs 2x2 latent pixels into one token (the config's patch_size of 1
+    # notwithstanding); the double-stream blocks are counted like SD3's joint blocks, the single-stream ones
+    # are all of the attention kind.
+    presets = {
+        # FLUX.1-dev: guidance-distilled (a guidance embedding), 512 text tokens.
+        "flux-dev": Preset(dict(_FLUX_COMMON, guidance_embeds=True), steps=28, batch=1, dtype="bfloat16",
+                           gpu_check="tiny FLUX.1-dev-shaped (1 double-stream + 2 single-stream blocks, C=128)",
+                           h100_step_seconds=0.25),
+        # FLUX.1-schnell: timestep-distilled, no guidance embedding, 256 text tokens.
+        "flux-schnell": Preset(dict(_FLUX_COMMON, guidance_embeds=False), steps=4, batch=1, dtype="bfloat16"),
+    }
+    config_classes = ("FluxTransformer2DModel",)
+    config_signature_keys = ("num_single_layers", "axes_dims_rope", "guidance_embeds")
+    config_int_keys = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
+                       "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim")
+    config_nullable_int_keys = ("out_channels",)  # null: out_channels follows in_channels
+    config_other_keys = ("guidance_embeds", "axes_dims_rope")
+    token_side_name = "packing"
+
+    def check_config(self, config: dict, path: str) -> None:
+        if "guidance_embeds" in config and not isinstance(config["guidance_embeds"], bool):
+            raise ValueError(f"{path}: guidance_embeds must be true or false, got {config['guidance_embeds']!r}.")
+        axes = config.get("axes_dims_rope", (16, 56, 56))
+        if not isinstance(axes, (list, tuple)) or not axes or not all(is_int(v) and v > 0 and v % 2 == 0 for v in axes):
+            raise ValueError(f"{path}: axes_dims_rope must be a list of positive even ints (rotary widths), "
+                             f"got {axes!r}.")
+        head_dim = config.get("attention_head_dim", 128)
+        if len(axes) != 3 or sum(axes) != head_dim:
+            raise ValueError(f"{path}: axes_dims_rope ({list(axes)}) must be three rotary widths, one per position "
+                             f"id column, summing to attention_head_dim ({head_dim}).")
+
+    def text_tokens(self, config: dict) -> int:
+        """FLUX.1-dev's 512 T5 tokens for a model with a guidance embedding, FLUX.1-schnell's 256 otherwise."""
+        return DEV_TEXT_TOKENS if config.get("guidance_embeds", False) else SCHNELL_TEXT_TOKENS
+
+    def token_side(self, config: dict) -> int:
+        return PACKING  # whatever the transformer's patch size (1); rotary positions cover any grid
+
+    def token_phrase(self, side: int) -> str:
+        return f"{side}x{side} packing"
+
+    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens) -> dict:
+        c = model.config
+        n = grid_h * grid_w
+        inputs = dict(hidden_states=meta_tensor(batch, n, c.in_channels), timestep=meta_tensor(batch),
+                      encoder_hidden_states=meta_tensor(batch, text_tokens, c.joint_attention_dim),
+                      pooled_projections=meta_tensor(batch, c.pooled_projection_dim),
+                      img_ids=meta_tensor(n, 3), txt_ids=meta_tensor(text_tokens, 3))
+        if c.guidance_embeds:
+            inputs["guidance"] = meta_tensor(batch)
+        return inputs
+
+    def block_inputs(self, model, block, batch, tokens, text_tokens, make=meta_tensor) -> dict:
+        """Either block kind takes the image and text streams apart; a single-stream block joins them into
+        one sequence of text + image tokens. The rotary tables cover text and image rows."""
+        c, head_dim = model.inner_dim, model.config.attention_head_dim
+        rotary = (make(text_tokens + tokens, head_dim), make(text_tokens + tokens, head_dim))
+        return dict(hidden_states=make(batch, tokens, c), encoder_hidden_states=make(batch, text_tokens, c),
+                    temb=make(batch, c), image_rotary_emb=rotary)
+
+    # sdtm generate: guidance-distilled, no negative prompt and one transformer pass per step
+    pipeline_classes = ("FluxPipeline",)
+    text_components = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    default_guidance = 3.5
+    distilled_guidance = True
+
+    def guidance_refusal(self, config: dict) -> str | None:
+        if config.get("guidance_embeds", False):
+            return None
+        return "has no guidance embedding (transformer/config.json guidance_embeds is false, as in FLUX.1-schnell)"
+
+    # sdtm demo: Flux.1-dev's proportions, twice as many single-stream as double-stream blocks; batch 1
+    demo_title = "tiny Flux.1 pipeline"
+    demo_spec = TinyFluxSpec(num_layers=2, num_single_layers=4, heads=4, head_dim=64, axes_dims_rope=(16, 24, 24),
+                             joint_attention_dim=64, pooled_projection_dim=32, text_tokens=16)
+
+    def tiny_pipeline(self, spec=None, seed=0, dtype=torch.float32):
+        return tiny_flux_pipeline(spec or TinyFluxSpec(), seed, dtype)
+
+    def tiny_call_kwargs(self, spec, batch=1, seed=0, dtype=torch.float32) -> dict:
+        # Guidance-distilled: the guidance is an input of the transformer, no negative prompt, one pass.
+        return {**tiny_flux_prompt_embeds(spec, batch, seed, dtype), "guidance_scale": 3.5}
+
+    def describe_blocks(self, spec) -> str:
+        return f"{spec.num_layers} double-stream + {spec.num_single_layers} single-stream blocks"
+
+    # sdtm bench e2e, the GPU check
+    bench_title = "FLUX.1-dev-shaped transformer"
+    bench_help = ("FLUX.1-dev-shaped (C=768, 1 double-stream + 2 single-stream blocks, 512 text tokens, batch 1: "
+                  "guidance-distilled)")
+    bench_text_tokens = DEV_TEXT_TOKENS
+    bench_layers, bench_heads, bench_head_dim = 1, 6, 128
+
+    def bench_transformer(self, num_layers=None, heads=None, sample_size=128, seed=0, device="cpu",
+                          dtype=torch.float32):
+        """``num_layers`` double-stream blocks and twice as many single-stream ones; any latent size."""
+        return flux_shaped_transformer(self.bench_layers if num_layers is None else num_layers, None,
+                                       self.bench_heads if heads is None else heads, seed, device, dtype)
+
+    def tiny_bench_transformer(self, latent, seed=0, device="cpu", dtype=torch.float32):
+        return flux_shaped_transformer(1, 2, 1, seed, device, dtype)
+
+    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator) -> DenoisingInputs:
+        """Latents packed into (h/2)(w/2) tokens of 2x2 patches placed by ``img_ids``, ``timestep / 1000``,
+        the distilled guidance 3.5 (models with a guidance embedding), FluxPipeline's schedule (sigmas 1 ..
+        1/steps, shift from the image token count)."""
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        device, dtype, config = transformer.device, transformer.dtype, transformer.config
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=generator).to(device, dtype)
+
+        if latent_h % 2 or latent_w % 2:
+            raise ValueError(f"Flux packs 2x2 latent patches: the latent must have even sides, got "
+                             f"{latent_h}x{latent_w}.")
+        rows, cols = latent_h // 2, latent_w // 2
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096)
+        latents = draw(batch, rows * cols, config.in_channels)
+        context = draw(batch, text_tokens, config.joint_attention_dim)
+        pooled = draw(batch, config.pooled_projection_dim)
+        img_ids = torch.zeros(rows, cols, 3)
+        img_ids[..., 1] += torch.arange(rows)[:, None]
+        img_ids[..., 2] += torch.arange(cols)[None, :]
+        extra = {"img_ids": img_ids.reshape(-1, 3).to(device, dtype),
+                 "txt_ids": torch.zeros(text_tokens, 3).to(device, dtype),
+                 "guidance": torch.full((batch,), 3.5, device=device, dtype=torch.float32)
+                 if config.guidance_embeds else None}
+        # FluxPipeline's schedule: the shift grows with the image token count.
+        mu = 0.5 + (1.15 - 0.5) * (rows * cols - 256) / (4096 - 256)
+
+        def set_timesteps(steps: int) -> torch.Tensor:
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            scheduler.set_timesteps(steps, device=latents.device, sigmas=sigmas, mu=mu)
+            return scheduler.timesteps
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return transformer(hidden_states=x, timestep=t.expand(x.shape[0]).to(x.dtype) / 1000,
+                               encoder_hidden_states=context, pooled_projections=pooled, return_dict=False,
+                               **extra)[0]
+
+        return DenoisingInputs(scheduler, latents, set_timesteps, predict)
+
+    # step caches: diffusers' FirstBlockCache through enable_cache; cache-dit has its own adapter
+    cache_witnesses = ("norm1_context", "proj_mlp")  # double-stream blocks, single-stream blocks
 
 def _is(module: torch.nn.Module, class_name: str) -> bool:
     return any(c.__name__ == class_name for c in type(module).__mro__)
