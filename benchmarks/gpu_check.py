@@ -1,26 +1,21 @@
 """Time generation on one GPU: unmerged and SDTM, eager and on a fast path, into one JSON file.
 
-    python benchmarks/gpu_check.py                       # CUDA: SD3-medium shapes, fp16, 1024x1024, 50 steps
-    python benchmarks/gpu_check.py --model flux-dev      # FLUX.1-dev shapes, bf16, 1024x1024, 28 steps
-    python benchmarks/gpu_check.py --model pixart-sigma  # PixArt-Sigma-XL-2-1024 shapes, fp16, 1024x1024, 20 steps
+    python benchmarks/gpu_check.py                       # CUDA: the default preset's shapes, 1024x1024
+    python benchmarks/gpu_check.py --model NAME          # another preset: its dtype, steps and batch
     python benchmarks/gpu_check.py --device cpu --tiny   # smoke run: a 2-block model of the family, a few steps
     python benchmarks/gpu_check.py --cache cache-dit     # a step cache stacked with SDTM (four variants, below)
-    python benchmarks/gpu_check.py --model flux-dev --cache taylorseer   # or fbcache
+    python benchmarks/gpu_check.py --model NAME --cache taylorseer   # or fbcache, where the family takes it
     bash benchmarks/gpu_check.sh [--model ...]           # wheels, the GPU tests, then this script
 
-The transformer of ``--model`` with random weights runs a plain denoising loop over random latents and
-random prompt embeddings, called as its diffusers pipeline calls it (sdtm.cli.bench.Denoiser):
+``--model`` names a preset of a registered model family that the check offers (sdtm.models: a ``Preset``
+with ``gpu_check`` set; ``--help`` lists them; the first is the default): the released model's transformer
+config (the one ``sdtm macs --config NAME`` counts), its dtype, denoising steps and transformer batch (2:
+the classifier-free-guidance pair; 1: guidance-distilled). Its transformer with random weights runs a plain
+denoising loop over random latents and random prompt embeddings of the family's text tokens, called as its
+diffusers pipeline calls it (sdtm.cli.bench.Denoiser: ``ModelAdapter.denoising_inputs``).
 
-    sd3-medium     SD3Transformer2DModel (sdtm.cli.macs.PRESETS["sd3-medium"]), 333 text tokens, batch 2
-                   (the classifier-free-guidance batch), flow-matching Euler
-    flux-dev       FluxTransformer2DModel of FLUX.1-dev (19 double-stream + 38 single-stream blocks, C=3072),
-                   512 text tokens, batch 1 (guidance-distilled: the guidance 3.5 is an input, no CFG),
-                   packed 2x2 latent tokens, FluxPipeline's schedule
-    pixart-sigma   PixArtTransformer2DModel of PixArt-Sigma-XL-2-1024-MS (28 blocks, C=1152), 300 text
-                   tokens, batch 2 (CFG), DPM-Solver++
-
-SDTM runs with its defaults and the family's switch step (SD3: 20; Flux, PixArt: the first 40% of the
-steps); the JSON's ``model`` says which model ran. Variants:
+SDTM runs with its defaults and the family's switch step (``ModelAdapter.resolve_config``); the JSON's
+``model`` says which model ran. Variants:
 
     unmerged_eager          no SDTM
     unmerged_fast           no SDTM, the transformer on the fast path
@@ -74,7 +69,7 @@ variant (``memory.allocated_before_bytes``). On the CPU they are null, with the 
 ``--budget`` caps the run: a variant is skipped (and said so) when its warm-up would start late, and the
 rounds are cut to what fits; a JSON file is written after every stage, so a run stopped early (SIGINT)
 still leaves one. The file is benchmarks/results/gpu-<date>-<device>.json (gpu-<date>-<model>-<device>.json
-for a --model other than sd3-medium; ``--out-dir``, ``--json``), copied into $OUT when that variable is set.
+for a --model other than the default; ``--out-dir``, ``--json``), copied into $OUT when that variable is set.
 """
 
 from __future__ import annotations
@@ -112,48 +107,50 @@ CACHE_VARIANTS = ("unmerged_eager", "cache_eager", "sdtm_eager", "both_eager")
 CACHES = ("cache-dit", "taylorseer", "fbcache")
 AGGRESSIVE = dict(ratio=0.5, deviation=0.0)
 PHASES = ("protected", "structure", "detail")
-# Per --model: the family (sdtm.models), the transformer's config, the defaults of a CUDA run, text tokens
-# and the unmerged seconds per step on an H100 at 1024x1024 and the model's batch (a rough figure for the
-# printed estimate only).
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-PIXART_SIGMA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                    cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2,
-                    norm_type="ada_norm_single", use_additional_conditions=False, interpolation_scale=2)
-MODELS = {
-    "sd3-medium": dict(family="sd3", dtype="float16", steps=50, batch=2, text_tokens=333, h100_step_seconds=0.056,
-                       tiny="tiny SD3-shaped (2 blocks, C=128)"),
-    "flux-dev": dict(family="flux", dtype="bfloat16", steps=28, batch=1, text_tokens=512, h100_step_seconds=0.25,
-                     tiny="tiny FLUX.1-dev-shaped (1 double-stream + 2 single-stream blocks, C=128)"),
-    "pixart-sigma": dict(family="pixart", dtype="float16", steps=20, batch=2, text_tokens=300,
-                         h100_step_seconds=0.06, tiny="tiny PixArt-Sigma-shaped (2 blocks, C=144)"),
-}
+
+
+def gpu_models() -> dict:
+    """The presets the check offers, by name: (family adapter, ``sdtm.models.Preset``), the default first;
+    {} when sdtm cannot be imported (diffusers missing: only --help can run then)."""
+    try:
+        from sdtm.models import presets
+    except ImportError:
+        return {}
+    return {name: entry for name, entry in presets().items() if entry[1].gpu_check is not None}
+
+
+def model_entry(args) -> tuple:
+    """(family adapter, preset) of ``args.model``."""
+    return gpu_models()[args.model]
+
+
 # A variant's warm-up starts only while less than this share of --budget is spent.
 WARMUP_SHARE = 0.6
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    models = gpu_models()
     model = parser.add_argument_group("model and generation")
-    model.add_argument("--model", choices=list(MODELS), default="sd3-medium",
-                       help="the transformer's shapes (random weights): sd3-medium (fp16, 50 steps, batch 2), "
-                            "flux-dev (bf16, 28 steps, batch 1: guidance-distilled, 512 text tokens) or "
-                            "pixart-sigma (fp16, 20 steps, batch 2, 300 text tokens); sd3-medium")
+    listed = "; ".join(f"{name} ({preset.dtype}, {preset.steps} steps, batch {preset.batch}, "
+                       f"{adapter.text_tokens(preset.config)} text tokens)" for name, (adapter, preset) in models.items())
+    model.add_argument("--model", choices=list(models) or None, default=next(iter(models), None),
+                       help="the transformer's shapes (random weights): "
+                            + (f"{listed}; {next(iter(models))}" if models else
+                               "a preset of sdtm.models (listing them needs diffusers installed)"))
     model.add_argument("--device", default=None,
                        help="torch device; default cuda when available, else cpu (cpu only makes sense with --tiny)")
     model.add_argument("--tiny", action="store_true",
-                       help="smoke settings: a transformer of the model's family shrunk to 2 blocks (SD3: C=128; "
-                            "Flux: 1 double-stream + 2 single-stream blocks, C=128; PixArt: C=144) with its "
-                            "text tokens, float32, 256x256, 6 steps, 1 round (each can still be set by its own "
-                            "option)")
+                       help="smoke settings: a transformer of the model's family shrunk to about 2 blocks ("
+                            + "; ".join(f"{name}: {preset.gpu_check}" for name, (_, preset) in models.items())
+                            + ") with its text tokens, float32, 256x256, 6 steps, 1 round (each can still be set "
+                            "by its own option)")
     model.add_argument("--size", type=int, default=None, help="image side in pixels (latents are 8x smaller); 1024")
-    model.add_argument("--steps", type=int, default=None, help="denoising steps; the model's (50, 28, 20)")
+    model.add_argument("--steps", type=int, default=None, help="denoising steps; the model's")
     model.add_argument("--batch", type=int, default=None,
-                       help="batch of every transformer call; the model's (CFG: 2; flux-dev: 1)")
+                       help="batch of every transformer call; the model's (CFG: 2; guidance-distilled: 1)")
     model.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                       help="weights and activations; the model's (float16; flux-dev: bfloat16), float32 with "
-                            "--tiny or on the CPU")
+                       help="weights and activations; the model's, float32 with --tiny or on the CPU")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights, latents and embeddings; 0")
     model.add_argument("--threads", type=int, default=None,
                        help="torch's CPU threads; 1 with --device cpu (timings there are a smoke test only), "
@@ -175,8 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sdtm.add_argument("--cache", choices=CACHES, default=None,
                       help="time a step cache stacked with SDTM instead: unmerged, the cache alone, SDTM alone and "
                            "both, eager, on the cache's deterministic schedule (about 70%% of the steps computed), "
-                           "with the steps and blocks each computed and the stacking efficiency; fbcache: flux-dev "
-                           "only (diffusers' FirstBlockCache cannot take SD3's last block)")
+                           "with the steps and blocks each computed and the stacking efficiency; fbcache: "
+                           + " and ".join(name for name, (adapter, _) in models.items()
+                                          if "fbcache" not in adapter.cache_refusals))
     check = parser.add_argument_group("output check (the run fails past these)")
     check.add_argument("--fast-tolerance", type=float, default=None,
                        help="largest relative difference ||fast - eager|| / ||eager|| of the final latents of a "
@@ -214,13 +212,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
-    if args.cache == "fbcache" and MODELS[args.model]["family"] != "flux":
-        parser.error(f"--cache fbcache runs on flux-dev only here (diffusers' FirstBlockCache subtracts the last "
-                     f"block's text output, which SD3's last block returns as None); use cache-dit or taylorseer "
-                     f"with --model {args.model}")
-    if args.size is not None and args.size % 16:
-        parser.error(f"--size must be a multiple of 16 (8x VAE factor, patch 2 or Flux's 2x2 packing), "
-                     f"got {args.size}")
+    if not models:
+        parser.error("sdtm cannot be imported (is diffusers installed?); only --help runs without it")
+    adapter, preset = models[args.model]
+    reason = adapter.cache_refusals.get(args.cache) if args.cache else None
+    if reason is not None:
+        others = sorted(c for c in CACHES if c != args.cache and c not in adapter.cache_refusals)
+        runs = [name for name, (a, _) in models.items() if args.cache not in a.cache_refusals]
+        parser.error(f"--cache {args.cache} does not run on --model {args.model} here ({reason}); use "
+                     f"{' or '.join(others)} with --model {args.model}, or --model {' or '.join(runs)}")
+    token = 8 * adapter.token_side(preset.config)
+    if args.size is not None and args.size % token:
+        parser.error(f"--size must be a multiple of {token} (8x VAE factor x {adapter.token_side(preset.config)} "
+                     f"latent pixels a token), got {args.size}")
     return args
 
 
@@ -234,12 +238,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; use --device cpu --tiny")
     cuda = args.device.type == "cuda"
-    spec = MODELS[args.model]
+    _, preset = model_entry(args)
     args.size = args.size or (256 if args.tiny else 1024)
-    args.steps = args.steps or (6 if args.tiny else spec["steps"])
+    args.steps = args.steps or (6 if args.tiny else preset.steps)
     args.rounds = args.rounds or (1 if args.tiny else 5)
-    args.batch = args.batch or spec["batch"]
-    args.dtype = args.dtype or ("float32" if args.tiny or not cuda else spec["dtype"])
+    args.batch = args.batch or preset.batch
+    args.dtype = args.dtype or ("float32" if args.tiny or not cuda else preset.dtype)
     args.backend = args.backend or ("triton" if cuda else "auto")
     args.fast = args.fast or ("graphs" if cuda else "compile")
     args.compile_backend = args.compile_backend or ("inductor" if cuda else "eager")
@@ -338,37 +342,23 @@ def build_transformer(args):
     mode; and its config as sdtm.cli.macs reads it (for the MAC count)."""
     import torch
 
-    from sdtm.cli.bench import flux_shaped_transformer, mac_config, pixart_shaped_transformer, sd3_shaped_transformer
+    from sdtm.cli.bench import mac_config
 
     dtype = getattr(torch, args.dtype)
     latent = args.size // 8
-    family = MODELS[args.model]["family"]
+    adapter, preset = model_entry(args)
     if args.tiny:
-        if family == "flux":
-            model = flux_shaped_transformer(num_layers=1, num_single_layers=2, heads=1, seed=args.seed,
-                                            device=args.device, dtype=dtype)
-        elif family == "pixart":
-            model = pixart_shaped_transformer(num_layers=2, heads=2, sample_size=latent, seed=args.seed,
-                                              device=args.device, dtype=dtype)
-        else:
-            model = sd3_shaped_transformer(num_layers=2, heads=2, sample_size=max(128, latent), seed=args.seed,
-                                           device=args.device, dtype=dtype)
+        model = adapter.tiny_bench_transformer(latent, seed=args.seed, device=args.device, dtype=dtype)
     else:
         import diffusers
 
-        if family == "flux":
-            cls, config = diffusers.FluxTransformer2DModel, FLUX_DEV
-        elif family == "pixart":
-            cls, config = diffusers.PixArtTransformer2DModel, PIXART_SIGMA
-        else:
-            from sdtm.cli.macs import PRESETS
-
-            cls, config = diffusers.SD3Transformer2DModel, PRESETS["sd3-medium"]
+        cls = getattr(diffusers, adapter.config_classes[0])
+        config = {k: v for k, v in preset.config.items() if not k.startswith("_")}
         torch.manual_seed(args.seed)
         try:
             # Built on the device (random initialisation of billions of weights on the host is slow) and in
-            # the run's dtype (FLUX.1-dev's 12 billion weights in float32 and a cast copy would not fit
-            # beside each other on an 80 GB GPU).
+            # the run's dtype (12 billion weights in float32 and a cast copy would not fit beside each other
+            # on an 80 GB GPU).
             with torch.device(args.device), default_dtype(dtype):
                 model = cls(**config)
         except Exception as error:
@@ -425,7 +415,13 @@ def make_generation(transformer, args):
 
     latent = args.size // 8
     return Generation(transformer, latent, latent, args.steps, args.batch, seed=args.seed,
-                      text_tokens=MODELS[args.model]["text_tokens"])
+                      text_tokens=text_tokens(args))
+
+
+def text_tokens(args) -> int:
+    """The text tokens of the --model family's pipeline for its preset."""
+    adapter, preset = model_entry(args)
+    return adapter.text_tokens(preset.config)
 
 
 class RerunCapture:
@@ -566,10 +562,8 @@ def default_config(args):
 
 def resolved(args, config):
     """``config`` with the family's switch step for ``args.steps`` steps, as apply_sdtm resolves it."""
-    from sdtm.models import ADAPTERS
-
-    family = MODELS[args.model]["family"]
-    return next(a for a in ADAPTERS if a.name == family).resolve_config(config, args.steps)
+    adapter, _ = model_entry(args)
+    return adapter.resolve_config(config, args.steps)
 
 
 def variant_names(args) -> tuple[str, ...]:
@@ -706,7 +700,7 @@ def summarise(data: dict) -> str:
     first, phase, mem = data["first_generation_seconds"], data["per_phase_ms"], data["peak_memory_bytes"]
     settings = data["settings"]
     lines = [
-        f"{data.get('model', 'sd3-medium')} on {data['device']}: torch {data['torch']}, triton {data['triton']}, {settings['dtype']}, "
+        f"{data.get('model', next(iter(gpu_models()), 'the default model'))} on {data['device']}: torch {data['torch']}, triton {data['triton']}, {settings['dtype']}, "
         f"{settings['size'][0]}x{settings['size'][1]}, {settings['steps']} steps, batch {settings['batch']}, "
         f"{settings['rounds'] or 0} rounds; fast path {data['fast_path']}",
         f"MAC ratio {data['mac_ratio']:.3f} (defaults), {data['mac_ratio_aggressive']:.3f} (aggressive)"
@@ -766,7 +760,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     name = device_name(args.device)
     info = versions()
     fast_path = FastPath(args)
-    spec = MODELS[args.model]
+    _, preset = model_entry(args)
     default = resolved(args, default_config(args))
     phases = step_phases(args.steps, default)
     names = variant_names(args)
@@ -783,9 +777,9 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         "tree": tree_state(), "passed": None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fast_path": fast_path.kind, "fast_path_detail": fast_path.detail, "fast_path_note": fast_path.note,
-        "settings": {"model": spec["tiny"] if args.tiny else f"{args.model}, random weights",
+        "settings": {"model": preset.gpu_check if args.tiny else f"{args.model}, random weights",
                      "size": [args.size, args.size], "latent": [args.size // 8, args.size // 8],
-                     "steps": args.steps, "batch": args.batch, "dtype": args.dtype, "text_tokens": spec["text_tokens"],
+                     "steps": args.steps, "batch": args.batch, "dtype": args.dtype, "text_tokens": text_tokens(args),
                      "switch_step": default.switch_step,
                      "rounds": None, "rounds_requested": args.rounds, "backend": args.backend,
                      "fast": args.fast, "seed": args.seed, "budget_seconds": args.budget,
@@ -812,7 +806,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
           f"fast path {data['fast_path']} ({data['fast_path_detail']})"
           + (f", cache {args.cache}" if args.cache else ""), flush=True)
     if cuda and not args.tiny:
-        per_gen = spec["h100_step_seconds"] * args.steps * (args.size / 1024) ** 2 * args.batch / spec["batch"]
+        per_gen = preset.h100_step_seconds * args.steps * (args.size / 1024) ** 2 * args.batch / preset.batch
         count = 4 if args.cache else 6 - 2 * args.skip_aggressive
         # A warm-up is about 1.5 generations (graph capture, Triton compilation), then one instrumented
         # generation and the rounds; SDTM's eager generations are assumed no faster than unmerged ones.
@@ -827,7 +821,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     for key, sdtm_config in (("mac_ratio", default), ("mac_ratio_aggressive", default.replace(**AGGRESSIVE))):
         try:
             counted = schedule_macs(config, args.size, args.size, args.steps, batch=args.batch, sdtm=sdtm_config,
-                                    text_tokens=spec["text_tokens"])
+                                    text_tokens=text_tokens(args))
         except Exception as error:  # the timing goes on without the ratio
             data["errors"][key] = f"{type(error).__name__}: {error}"
             traceback.print_exc()
@@ -1100,12 +1094,12 @@ def fill_ratios(data: dict, mac_for: dict) -> None:
 
 def output_path(args) -> Path:
     """--json, or gpu-<date>-<device>.json in --out-dir (gpu-<date>-<model>-<device>.json for a model
-    other than sd3-medium; gpu-<date>[-<model>]-<cache>-<device>.json with --cache), after ``resolve``."""
+    other than the default; gpu-<date>[-<model>]-<cache>-<device>.json with --cache), after ``resolve``."""
     if args.json:
         return Path(args.json)
     name = device_name(args.device) if args.device.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    model = "" if args.model == "sd3-medium" else f"{args.model}-"
+    model = "" if args.model == next(iter(gpu_models())) else f"{args.model}-"
     cache = f"{args.cache}-" if args.cache else ""
     return Path(args.out_dir) / f"gpu-{date}-{model}{cache}{slug(name)}.json"
 

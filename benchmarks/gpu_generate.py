@@ -1,13 +1,14 @@
-"""Time SD3 generation on a CUDA GPU: unmerged, SDTM on the torch path and SDTM on the Triton path.
+"""Time generation on a CUDA GPU: unmerged, SDTM on the torch path and SDTM on the Triton path.
 
-    python benchmarks/gpu_generate.py --model /path/to/stable-diffusion-3-medium-diffusers
-    python benchmarks/gpu_generate.py --random sd3-medium     # same shapes, random weights, no files
+    python benchmarks/gpu_generate.py --model /path/to/a-diffusers-folder
+    python benchmarks/gpu_generate.py --random NAME      # a preset's shapes (sdtm macs' names), random weights
 
-With --model the whole pipeline runs (text encoders included) from a local diffusers folder, offline.
-With --random only the transformer runs, in a plain denoising loop with random prompt embeddings (333
-text tokens), which is where SDTM acts. Each variant is timed with CUDA events after a warm-up, rounds
-interleaved, medians reported, next to the theoretical MAC ratio of the transformer calls (sdtm.cli.macs:
-torch's FlopCounterMode on the meta device).
+With --model the whole pipeline runs (text encoders included) from a local diffusers folder of any
+registered family (the pipeline class its model_index.json names), offline. With --random only the
+transformer runs, in a plain denoising loop with random prompt embeddings of the family's text tokens
+(sdtm.cli.bench.Denoiser), which is where SDTM acts. Each variant is timed with CUDA events after a warm-up,
+rounds interleaved, medians reported, next to the theoretical MAC ratio of the transformer calls
+(sdtm.cli.macs: torch's FlopCounterMode on the meta device).
 """
 
 from __future__ import annotations
@@ -21,33 +22,48 @@ import torch
 from tqdm import tqdm
 
 from sdtm import SDTMConfig, apply_sdtm, remove_sdtm
-from sdtm.cli.bench import Denoiser
-from sdtm.cli.macs import PRESETS, schedule_macs
+from sdtm.cli.bench import Denoiser, mac_config
+from sdtm.cli.macs import schedule_macs
+from sdtm.models import adapter_for, presets
+
 
 class RandomTransformerRun(Denoiser):
-    """The SD3-medium transformer with random weights over a flow-matching schedule (batch 2)."""
+    """A preset's transformer with random weights over its family's schedule (the preset's batch)."""
 
-    def __init__(self, height: int, width: int, steps: int, batch: int, dtype: torch.dtype):
-        from diffusers import SD3Transformer2DModel
+    def __init__(self, preset_name: str, height: int, width: int, steps: int, dtype: torch.dtype):
+        import diffusers
 
+        adapter, preset = presets()[preset_name]
         torch.manual_seed(0)
-        transformer = SD3Transformer2DModel(**PRESETS["sd3-medium"]).to("cuda", dtype).eval()
-        super().__init__(transformer, height // 8, width // 8, steps, batch)
+        config = {k: v for k, v in preset.config.items() if not k.startswith("_")}
+        transformer = getattr(diffusers, adapter.config_classes[0])(**config).to("cuda", dtype).eval()
+        self.batch = preset.batch
+        super().__init__(transformer, height // 8, width // 8, steps, preset.batch,
+                         text_tokens=adapter.text_tokens(preset.config))
         self.module = transformer
 
 
 class PipelineRun:
-    """A local diffusers SD3 / SD3.5 folder, loaded offline."""
+    """A local diffusers folder of a registered family (sdtm.cli.generate.PIPELINES), loaded offline."""
 
     def __init__(self, model: str, height: int, width: int, steps: int, dtype: torch.dtype):
-        from diffusers import StableDiffusion3Pipeline
+        import diffusers
+
+        from sdtm.cli.generate import PIPELINES, _read_json_object
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.module = StableDiffusion3Pipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+        pipeline = _read_json_object(os.path.join(model, "model_index.json")).get("_class_name")
+        if pipeline not in PIPELINES:
+            raise SystemExit(f"--model {model!r}: model_index.json names {pipeline!r}; this script loads "
+                             f"{', '.join(PIPELINES)} folders")
+        family = PIPELINES[pipeline]
+        self.module = getattr(diffusers, pipeline).from_pretrained(model, torch_dtype=dtype, local_files_only=True)
         self.module.to("cuda")
         self.module.set_progress_bar_config(disable=True)
+        self.batch = 2 if family.cfg_pairs else 1
         self.kwargs = dict(prompt="a photograph of an astronaut riding a horse", height=height, width=width,
-                           num_inference_steps=steps, output_type="latent")
+                           num_inference_steps=steps, output_type="latent",
+                           **family.generate_call_kwargs(family.default_guidance))
 
     def patch(self, config):
         remove_sdtm(self.module)
@@ -69,17 +85,19 @@ def cuda_seconds(fn) -> float:
 
 
 def mac_report(run, height: int, width: int, steps: int):
-    """Theoretical MACs of the transformer's calls over the schedule (sdtm.cli.macs, meta device)."""
+    """Theoretical MACs of the transformer's calls over the schedule (sdtm.cli.macs, meta device), with the
+    family's default switch step."""
     transformer = run.module.transformer if hasattr(run.module, "transformer") else run.module
-    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    return schedule_macs(config, height, width, steps, batch=2, sdtm=SDTMConfig())
+    sdtm = adapter_for(transformer).resolve_config(SDTMConfig(switch_step=None), steps)
+    return schedule_macs(mac_config(transformer), height, width, steps, batch=run.batch, sdtm=sdtm,
+                         text_tokens=getattr(run, "text_tokens", None))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local diffusers SD3 / SD3.5 folder")
-    source.add_argument("--random", choices=["sd3-medium"], help="random weights in this model's shapes")
+    source.add_argument("--model", help="local diffusers folder of a registered model family")
+    source.add_argument("--random", choices=list(presets()), help="random weights in this preset's shapes")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=50)
@@ -94,10 +112,10 @@ def main() -> None:
         parser.error(f"--model {args.model!r} is not a folder")
     dtype = getattr(torch, args.dtype)
     run = (PipelineRun(args.model, args.height, args.width, args.steps, dtype) if args.model
-           else RandomTransformerRun(args.height, args.width, args.steps, 2, dtype))
+           else RandomTransformerRun(args.random, args.height, args.width, args.steps, dtype))
 
     variants = {"unmerged": None}
-    variants.update({b: SDTMConfig(backend=b) for b in args.backends})
+    variants.update({b: SDTMConfig(backend=b, switch_step=None) for b in args.backends})
     report = mac_report(run, args.height, args.width, args.steps)
     baseline_macs, sdtm_macs = report.baseline_macs, report.sdtm_macs
     times = {name: [] for name in variants}
@@ -114,7 +132,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "steps": args.steps,
               "size": [args.height, args.width], "mac_ratio": mac_ratio, "seconds": medians,
               "speedup": {b: medians["unmerged"] / medians[b] for b in args.backends}}
-    print(f"{result['device']}, {args.dtype}, {args.height}x{args.width}, {args.steps} steps, batch 2")
+    print(f"{result['device']}, {args.dtype}, {args.height}x{args.width}, {args.steps} steps, batch {run.batch}")
     print(f"theoretical MAC ratio {mac_ratio:.3f} ({baseline_macs / 1e12:.1f} -> {sdtm_macs / 1e12:.1f} TMACs)")
     print(f"  unmerged {medians['unmerged']:.3f} s")
     for b in args.backends:

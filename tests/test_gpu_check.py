@@ -259,7 +259,7 @@ def test_fbcache_is_refused_for_sd3_medium(capsys):
     gpu_check = _gpu_check_module()
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.parse_args(["--cache", "fbcache"])
-    assert exit_info.value.code == 2 and "flux-dev only" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "does not run on --model sd3-medium" in capsys.readouterr().err
     assert gpu_check.parse_args(["--model", "flux-dev", "--cache", "fbcache"]).cache == "fbcache"
 
 
@@ -267,10 +267,14 @@ def test_model_configs_build_the_released_shapes():
     """FLUX.1-dev's and PixArt-Sigma-XL-2-1024-MS's transformers, built on the meta device: their sizes."""
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
-    gpu_check = _gpu_check_module()
+    from sdtm.models import presets
+
+    def config(name):  # the preset's transformer config (keys starting with _ are not arguments)
+        return {k: v for k, v in presets()[name][1].config.items() if not k.startswith("_")}
+
     with torch.device("meta"):
-        flux = FluxTransformer2DModel(**gpu_check.FLUX_DEV)
-        pixart = PixArtTransformer2DModel(**gpu_check.PIXART_SIGMA)
+        flux = FluxTransformer2DModel(**config("flux-dev"))
+        pixart = PixArtTransformer2DModel(**config("pixart-sigma"))
     assert sum(p.numel() for p in flux.parameters()) / 1e9 == pytest.approx(11.9, abs=0.05)
     assert sum(p.numel() for p in pixart.parameters()) / 1e9 == pytest.approx(0.61, abs=0.01)
     assert len(flux.transformer_blocks) == 19 and len(flux.single_transformer_blocks) == 38
@@ -295,8 +299,19 @@ def test_help_needs_neither_diffusers_nor_a_gpu():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for option in ("--fast", "--rounds", "--steps", "--size", "--skip-aggressive", "--tiny", "--budget", "--model",
-                   "flux-dev", "pixart-sigma", "--cache", "cache-dit", "taylorseer"):
+                   "--cache", "cache-dit", "taylorseer"):
         assert option in done.stdout
+
+
+def test_help_lists_the_models_of_the_registry(capsys):
+    """With diffusers installed, --help lists every preset the check offers (read from sdtm.models)."""
+    gpu_check = _gpu_check_module()
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert list(gpu_check.gpu_models())[:3] == ["sd3-medium", "flux-dev", "pixart-sigma"]
+    for name in gpu_check.gpu_models():
+        assert name in out
 
 
 def test_fast_path_falls_back_to_compile_without_sdtm_graphs(monkeypatch):

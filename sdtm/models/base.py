@@ -85,7 +85,11 @@ def cast_module(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
 
 
 class ModelAdapter:
-    """One model family. Subclasses set the class attributes and implement ``call_info``.
+    """One model family. Subclasses set the class attributes and implement ``call_info`` (what SDTM needs at
+    run time, first below), and the attributes and methods of the second part below (what the command line,
+    the demo, the tests and the benchmarks need: presets, MAC-counting inputs, pipeline classes and call
+    conventions, tiny pipelines, benchmark shapes and denoising loops, step-cache facts). A family is then one
+    module in sdtm/models/ plus its line in ``sdtm.models.ADAPTERS``.
 
     transformer_class: the diffusers transformer class name this adapter serves.
     block_forwards: class name of each kind of block SDTM patches (found anywhere in the transformer) ->

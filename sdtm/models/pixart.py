@@ -25,7 +25,7 @@ from diffusers.models.attention import _chunked_feed_forward
 from ..core import engine
 from ..core.schedule import BlockMode
 from ..core.state import BlockLink
-from .base import (CallInfo, DenoisingInputs, ModelAdapter, Preset, SizeRule, argument, cast_module, is_int, latent_grid,
+from .base import (CallInfo, DenoisingInputs, ModelAdapter, Preset, SizeRule, argument, cast_module, latent_grid,
                    meta_tensor)
 
 
