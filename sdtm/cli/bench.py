@@ -157,7 +157,7 @@ def _e2e_models() -> dict[str, dict]:
     doubles it; guidance-distilled families run 1) and text tokens, and the defaults of the shrunk
     transformer."""
     return {a.name: dict(title=a.bench_title, batch=2 if a.cfg_pairs else 1, text_tokens=a.bench_text_tokens,
-                         num_layers=a.bench_layers, heads=a.bench_heads) for a in families()}
+                         num_layers=a.bench_layers, heads=a.bench_heads) for a in families() if a.bench_title}
 
 
 E2E_MODELS = _e2e_models()

@@ -34,6 +34,7 @@ class DemoModel:
     size_multiple: int = 2  # the image side must be a multiple of it: 2 x 2 pixels a token, or the pipeline's rule
     size_rule: str = "a token spans 2 x 2 pixels"
     blocks: str = ""  # the tiny transformer's blocks in words
+    output: Callable[[Any], Any] = lambda result: result.images  # a pipeline result -> its images (or frames)
 
 
 def demo_model(adapter: ModelAdapter) -> DemoModel:
@@ -43,10 +44,11 @@ def demo_model(adapter: ModelAdapter) -> DemoModel:
     rule = adapter.tiny_size_rule(spec)
     return DemoModel(adapter.demo_title, spec, adapter.tiny_pipeline,
                      lambda spec: adapter.tiny_call_kwargs(spec, batch=1), 2 if adapter.cfg_pairs else 1,
-                     rule.max_side, rule.multiple, rule.reason, adapter.describe_blocks(spec))
+                     rule.max_side, rule.multiple, rule.reason, adapter.describe_blocks(spec), adapter.pipeline_output)
 
 
-DEMO_MODELS = {adapter.name: demo_model(adapter) for adapter in families()}
+# The families with a demo (``demo_spec`` set), in registration order.
+DEMO_MODELS = {adapter.name: demo_model(adapter) for adapter in families() if adapter.demo_spec is not None}
 
 
 def check_demo_size(model: str, size: int) -> None:
@@ -65,14 +67,14 @@ def check_demo_size(model: str, size: int) -> None:
 
 
 def _generate(pipe, demo: DemoModel, size: int, steps: int, seed: int, output_type: str = "latent"):
-    return pipe(
+    return demo.output(pipe(
         **demo.call_kwargs(demo.spec),
         height=size,
         width=size,
         num_inference_steps=steps,
         output_type=output_type,
         generator=torch.Generator().manual_seed(seed),
-    ).images
+    ))
 
 
 def _warm_up(pipe, demo: DemoModel, size: int, steps: int, settings: dict) -> None:

@@ -42,8 +42,13 @@ def _presets() -> dict[str, dict]:
 PRESETS: dict[str, dict] = _presets()  # every family's presets: name -> transformer config
 
 
+def _mac_families() -> list[ModelAdapter]:
+    """The registered families that describe their configs for counting (``config_classes`` set)."""
+    return [adapter for adapter in families() if adapter.config_classes]
+
+
 def _class_list() -> str:
-    names = [adapter.config_classes[0] for adapter in families()]
+    names = [adapter.config_classes[0] for adapter in _mac_families()]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
@@ -51,7 +56,7 @@ def family_of(config: dict) -> ModelAdapter:
     """The family of a transformer config: the one that owns it (its ``_class_name``, or without one its
     signature keys, ``ModelAdapter.owns_config``); a config without a class name that no family claims is the
     default family's. ValueError for a class name no family has."""
-    for adapter in families():
+    for adapter in _mac_families():
         if adapter.owns_config(config):
             return adapter
     name = config.get("_class_name")
@@ -95,7 +100,7 @@ def validate_config(raw: dict, path: str) -> dict:
     try:
         family = family_of(raw)
     except ValueError:
-        folders = ", ".join(adapter.title for adapter in families())
+        folders = ", ".join(adapter.title for adapter in _mac_families())
         raise ValueError(f"{path} is a {raw['_class_name']!r} config, not an {_class_list()} one; pass the "
                          f"transformer's config.json or a diffusers {folders} folder.") from None
     class_name = family.config_classes[0]

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Callable
 
 from .cli_options import add_sdtm_options, config_from_args, positive_int
-from ..models import default_family, families, family_names, presets
+from ..models import default_family, families, presets
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,9 +30,9 @@ def _even(text: str) -> int:
     return value
 
 
-def _families_text(describe: Callable) -> str:
-    """``describe(adapter)`` for each registered family, joined."""
-    return "; ".join(f"{adapter.name}: {describe(adapter)}" for adapter in families())
+def _families_text(describe: Callable, names) -> str:
+    """``describe(adapter)`` for each registered family of ``names``, joined."""
+    return "; ".join(f"{adapter.name}: {describe(adapter)}" for adapter in families() if adapter.name in names)
 
 
 def _demo_family(adapter) -> str:
@@ -53,18 +53,20 @@ def _demo_sizes(adapter) -> str:
 
 
 def _add_demo(commands) -> None:
+    from .demo import DEMO_MODELS
+
     default = default_family().name
     demo = commands.add_parser(
         "demo", help="generate on a tiny built-in pipeline of a model family with and without SDTM and compare",
         description="Builds a tiny pipeline of the --model family from config (random weights, no downloads), "
                     "generates with and without SDTM, prints latency, MACs, speedup and tokens per phase, and "
                     "writes a PNG (the two images side by side and the tokens per step). "
-                    + _families_text(_demo_family).replace("%", "%%") + ".")
-    demo.add_argument("--model", choices=family_names(), default=default,
+                    + _families_text(_demo_family, DEMO_MODELS).replace("%", "%%") + ".")
+    demo.add_argument("--model", choices=list(DEMO_MODELS), default=default,
                       help=f"model family of the tiny pipeline (default {default})")
     demo.add_argument("--size", type=_even, default=96,
                       help="image side in pixels (default 96: 48x48 tokens; the tiny VAE does not down-sample; "
-                           + _families_text(_demo_sizes) + ")")
+                           + _families_text(_demo_sizes, DEMO_MODELS) + ")")
     demo.add_argument("--steps", type=positive_int, default=12, help="denoising steps (default 12)")
     demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
     demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
@@ -144,9 +146,11 @@ def _add_bench(commands) -> None:
                     "(the first family with one) with tensors shrunk until compute is small, unmerged and SDTM per backend, eager and compiled: host "
                     "time per denoising step and launches (dispatched ops) per step and per block by phase.")
     bench.add_argument("what", choices=["kernels", "block", "e2e", "host"])
-    bench.add_argument("--model", choices=family_names(), default=None,
+    from .bench import E2E_MODELS
+
+    bench.add_argument("--model", choices=list(E2E_MODELS), default=None,
                        help=f"e2e only: the transformer's family (default {default_family().name}): "
-                            + _families_text(lambda adapter: adapter.bench_help)
+                            + _families_text(lambda adapter: adapter.bench_help, E2E_MODELS)
                             + "; 64x64 tokens, 10 steps, SDTM's defaults with the family's switch step")
     bench.add_argument("--rounds", type=positive_int, default=5)
     bench.add_argument("--backends", nargs="+", choices=["torch", "cpp", "triton"], default=None,

@@ -239,9 +239,14 @@ class ModelAdapter:
         the family's switches (no negative prompt is passed to any family)."""
         return {} if guidance is None else {"guidance_scale": guidance}
 
+    def pipeline_output(self, result: Any) -> Any:
+        """What a pipeline call returns, taken from its result object: ``result.images`` (a video
+        pipeline's ``result.frames``); a tensor with ``output_type="latent"``."""
+        return result.images
+
     def outputs(self, result: Any) -> list:
         """The outputs of a pipeline call's result, one per prompt."""
-        return list(result.images)
+        return list(self.pipeline_output(result))
 
     def save_output(self, output: Any, file: Any) -> None:
         """Write one output (a PIL image here) to the binary file object ``file``."""
