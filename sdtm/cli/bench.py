@@ -190,10 +190,11 @@ class Denoiser:
     (``ModelAdapter.denoising_inputs``: its scheduler, latent layout, timestep units and conditioning).
 
     ``batch`` is the batch of every transformer call (2: classifier-free guidance's pair);
-    ``text_tokens`` None: the family's count (``ModelAdapter.bench_text_tokens``)."""
+    ``text_tokens`` None: the family's count (``ModelAdapter.bench_text_tokens``); ``frames``: latent frames
+    of a video family (1 for images)."""
 
     def __init__(self, transformer, latent_h: int, latent_w: int, steps: int = 10, batch: int = 2, seed: int = 0,
-                 text_tokens: int | None = None):
+                 text_tokens: int | None = None, frames: int = 1):
         from ..models import adapter_for
 
         adapter = adapter_for(transformer)
@@ -202,7 +203,7 @@ class Denoiser:
         self.steps = steps
         self.text_tokens = adapter.bench_text_tokens if text_tokens is None else text_tokens
         self.inputs = adapter.denoising_inputs(transformer, latent_h, latent_w, batch, self.text_tokens,
-                                               torch.Generator().manual_seed(seed))
+                                               torch.Generator().manual_seed(seed), frames=frames)
         self.scheduler = self.inputs.scheduler
         self.latents = self.inputs.latents
 
@@ -230,24 +231,29 @@ class Denoiser:
 
 
 def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: bool = True,
-              latent: tuple[int, int] = (128, 128), small_latent: tuple[int, int] = (80, 104),
+              latent: tuple[int, int] | None = None, small_latent: tuple[int, int] | None = None,
               num_layers: int | None = None, heads: int | None = None, model: str | None = None) -> dict:
     """The shrunk transformer of ``model`` (``E2E_MODELS``: ``num_layers`` blocks, C = heads x the family's
     head width, the family's defaults when None) at the family's batch and text tokens: unmerged vs SDTM
     defaults per backend
     on ``latent`` (with the MAC ratio of the same schedule, switch step the family's default), and SDTM at
     ratio 0.5 in every step vs the unpatched model on ``small_latent``. The defaults (64 x 64 tokens ->
-    2080; 40 x 52 = 2080 tokens) compare equal token counts."""
+    2080; 40 x 52 = 2080 tokens) compare equal token counts; a video family runs its ``bench_frames`` on
+    its own ``bench_latent`` and ``bench_small_latent``."""
     model = model or default_family().name
     if model not in E2E_MODELS:
         raise ValueError(f"--model must be one of {', '.join(E2E_MODELS)}, got {model!r}.")
     check_cpu_backends(backends)
     spec = E2E_MODELS[model]
+    adapter = family(model)
+    latent = latent or adapter.bench_latent
+    small_latent = small_latent or adapter.bench_small_latent
+    frames = adapter.latent_frames(adapter.bench_frames)
     transformer = shaped_transformer(model, num_layers, heads, sample_size=max(*latent, *small_latent))
     batch = spec["batch"]
 
     def patched(config, h=latent[0], w=latent[1]):
-        run = Denoiser(transformer, h, w, steps, batch=batch)
+        run = Denoiser(transformer, h, w, steps, batch=batch, frames=frames)
 
         def call():
             run.patch(config)
@@ -259,7 +265,8 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
     default = SDTMConfig(switch_step=None)
     # Theoretical MACs on the meta device: FlopCounterMode misses CPU flash attention in a real run.
     report = schedule_macs(mac_config(transformer), latent[0] * 8, latent[1] * 8, steps, batch=batch,
-                           sdtm=resolved_config(transformer, default, steps), text_tokens=spec["text_tokens"])
+                           sdtm=resolved_config(transformer, default, steps), text_tokens=spec["text_tokens"],
+                           frames=adapter.bench_frames)
     mac_ratio = report.mac_ratio
     defaults = {"unmerged": patched(None)}
     defaults.update({b: patched(default.replace(backend=b)) for b in backends})
@@ -276,6 +283,7 @@ def bench_e2e(backends: list[str], rounds: int = 3, steps: int = 10, progress: b
                         "switch_step": resolved_config(transformer, default, steps).switch_step},
         "mac_ratio": mac_ratio,
         "mac_grid": list(report.grid),
+        "frames": frames,
         "seconds": seconds,
         "speedup": {b: seconds["unmerged"] / seconds[b] for b in backends},
         "realised_share": {b: seconds["unmerged"] / seconds[b] / mac_ratio for b in backends},

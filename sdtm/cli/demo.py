@@ -35,6 +35,7 @@ class DemoModel:
     size_rule: str = "a token spans 2 x 2 pixels"
     blocks: str = ""  # the tiny transformer's blocks in words
     output: Callable[[Any], Any] = lambda result: result.images  # a pipeline result -> its images (or frames)
+    adapter: ModelAdapter | None = None  # the family: previews, frames, tokens and the VAE's factor
 
 
 def demo_model(adapter: ModelAdapter) -> DemoModel:
@@ -44,7 +45,8 @@ def demo_model(adapter: ModelAdapter) -> DemoModel:
     rule = adapter.tiny_size_rule(spec)
     return DemoModel(adapter.demo_title, spec, adapter.tiny_pipeline,
                      lambda spec: adapter.tiny_call_kwargs(spec, batch=1), 2 if adapter.cfg_pairs else 1,
-                     rule.max_side, rule.multiple, rule.reason, adapter.describe_blocks(spec), adapter.pipeline_output)
+                     rule.max_side, rule.multiple, rule.reason, adapter.describe_blocks(spec), adapter.pipeline_output,
+                     adapter)
 
 
 # The families with a demo (``demo_spec`` set), in registration order.
@@ -120,17 +122,18 @@ def demo_settings(model: str, steps: int, backend: str) -> dict:
     return {"backend": backend, "switch_step": family(model).demo_switch_step(steps)}
 
 
-def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, batch: int):
+def _mac_report(pipe, size: int, steps: int, settings: dict, text_tokens: int, batch: int, frames: int = 1):
     """Theoretical MACs on the meta device (FlopCounterMode does not see CPU flash attention in a real run),
     with the switch step resolved as the generation resolved it."""
     from ..models import adapter_for
 
-    config = adapter_for(pipe.transformer).resolve_config(SDTMConfig(**settings), steps)
+    adapter = adapter_for(pipe.transformer)
+    config = adapter.resolve_config(SDTMConfig(**settings), steps)
     return schedule_macs(mac_config(pipe.transformer), size, size, steps, batch=batch, sdtm=config,
-                         text_tokens=text_tokens, vae_scale=pipe.vae_scale_factor)
+                         text_tokens=text_tokens, vae_scale=adapter.vae_scale(pipe), frames=frames)
 
 
-def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto", out: str | None = ".",
+def run_demo(size: int | None = None, steps: int = 12, repeats: int = 3, backend: str = "auto", out: str | None = ".",
              print_fn=print, model: str | None = None, cache: str = "none") -> dict:
     """Generate on the tiny pipeline of family ``model`` (default: the default family) without and with SDTM; print
     latency, MACs and tokens per phase, and (``out`` not None) write ``out/sdtm_demo.png``: both images
@@ -143,6 +146,7 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
     model = model or default_family().name
     if model not in DEMO_MODELS:
         raise ValueError(f"--model must be one of {', '.join(DEMO_MODELS)}, got {model!r}.")
+    size = family(model).demo_size if size is None else size
     check_demo_size(model, size)
     if out is not None and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is not a folder.")
@@ -171,13 +175,13 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
         sdtm_times += _timed(pipe, demo, size, steps, 1)[0]
     remove_SDTM(pipe)
     baseline_out = _generate(pipe, demo, size, steps, seed=0)
-    baseline_image = _generate(pipe, demo, size, steps, seed=0, output_type="pil")[0]
+    baseline_image = demo.adapter.preview(_generate(pipe, demo, size, steps, seed=0, output_type="pil")[0])
     apply_SDTM(pipe, **settings)
     sdtm_out = _generate(pipe, demo, size, steps, seed=0)
-    sdtm_image = _generate(pipe, demo, size, steps, seed=0, output_type="pil")[0]
+    sdtm_image = demo.adapter.preview(_generate(pipe, demo, size, steps, seed=0, output_type="pil")[0])
     records = list(sdtm_state(pipe).records)
     grid = sdtm_state(pipe).grid
-    report = _mac_report(pipe, size, steps, settings, spec.text_tokens, demo.batch)
+    report = _mac_report(pipe, size, steps, settings, spec.text_tokens, demo.batch, demo.adapter.tiny_frames(spec))
     baseline_macs, sdtm_macs = report.baseline_macs, report.sdtm_macs
     remove_SDTM(pipe)
 
@@ -215,12 +219,18 @@ def run_demo(size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "
 
 def _describe(model: str, demo: DemoModel, size: int, steps: int) -> str:
     spec = demo.spec
-    batch = "batch 2 (CFG)" if demo.batch == 2 else "batch 1 (guidance-distilled, no CFG)"
-    return (f"{demo.title}: {demo.blocks}, C={spec.channels}, {(size // 2) ** 2} image tokens, {batch}, {steps} steps, "
+    if demo.batch == 2:
+        batch = "batch 2 (CFG)"
+    elif demo.adapter.distilled_guidance:
+        batch = "batch 1 (guidance-distilled, no CFG)"
+    else:
+        batch = "batch 1 (CFG: a call per branch)"
+    return (f"{demo.title}: {demo.blocks}, C={spec.channels}, {demo.adapter.tiny_tokens(spec, size)} image tokens, "
+            f"{batch}, {steps} steps, "
             f"{torch.get_num_threads()} threads")
 
 
-def run_stacking_demo(cache: str, size: int = 96, steps: int = 12, repeats: int = 3, backend: str = "auto",
+def run_stacking_demo(cache: str, size: int | None = None, steps: int = 12, repeats: int = 3, backend: str = "auto",
                       out: str | None = ".", print_fn=print, model: str | None = None) -> dict:
     """A step cache stacked with SDTM on the tiny pipeline of ``model``: four pipelines of the same weights
     (unmerged, the cache ``cache`` alone on its deterministic schedule, SDTM alone, both), ``repeats``
@@ -258,7 +268,8 @@ def run_stacking_demo(cache: str, size: int = 96, steps: int = 12, repeats: int 
         outputs = {name: _generate(pipe, demo, size, steps, seed=0) for name, pipe in pipes.items()}
         computed = {name: caches[name].report() for name in pipes}
         records = {name: sdtm_record_counts(pipes[name].transformer) for name in ("sdtm", "both")}
-        images = {name: _generate(pipe, demo, size, steps, seed=0, output_type="pil")[0] for name, pipe in pipes.items()}
+        images = {name: demo.adapter.preview(_generate(pipe, demo, size, steps, seed=0, output_type="pil")[0])
+                  for name, pipe in pipes.items()}
     finally:
         for name, pipe in pipes.items():
             if name in caches:

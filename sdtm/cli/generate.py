@@ -78,7 +78,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 _TEMP_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{12}\.tmp$")
 # The seed is not listed: each record holds its image's own seed, which must match to keep the image.
-_SETTINGS_THAT_CHANGE_IMAGES = ("model", "steps", "height", "width", "guidance", "dtype", "sdtm", "cache")
+_SETTINGS_THAT_CHANGE_IMAGES = ("model", "steps", "height", "width", "guidance", "dtype", "sdtm", "cache", "frames")
 _RECORD_LISTS = ("images", "other_images")
 _QUOTED_PROMPT_LENGTH = 40
 
@@ -173,6 +173,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
     parser.add_argument("--height", type=positive_int, default=1024, help=_size_help().replace("%", "%%"))
     parser.add_argument("--width", type=positive_int, default=1024, help="pixels, as --height (default 1024)")
+    videos = ", ".join(f"{a.name} {a.default_frames}" for a in PIPELINES.values() if a.video)
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help=f"frames of a video model's clips (default: the family's: {videos}; images: 1)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="prompts per pipeline call (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="image i of the prompt list uses seed + i (default 0)")
     parser.add_argument("--guidance", type=float, default=None, help=_guidance_help().replace("%", "%%"))
@@ -238,6 +241,7 @@ class Job:
     sdtm: SDTMConfig | None
     ranks: Ranks
     cache: str | None = None  # a step cache of sdtm.cli.caches (None: none)
+    frames: int = 1  # frames of a video family's clips (images: 1)
 
     @property
     def family(self) -> ModelAdapter:
@@ -257,6 +261,7 @@ class Job:
             "world_size": self.ranks.world_size,
             "sdtm": dataclasses.asdict(self.sdtm) if self.sdtm is not None else None,
             "cache": self.cache,
+            **({"frames": self.frames} if self.family.video else {}),
         }
 
     def image_settings(self) -> dict:
@@ -355,6 +360,8 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     guidance = resolve_guidance(args.guidance, info)
+    frames = info.family.default_frames if getattr(args, "frames", None) is None else args.frames
+    info.family.latent_frames(frames)  # raises ValueError for a count the family does not generate
     prompts = single_prompt(args.prompt) if args.prompt is not None else load_prompts(args.prompts)
     if args.seed < 0 or args.seed + len(prompts) > 2**63:
         raise ValueError(f"--seed must lie in [0, 2**63 - {len(prompts)}] for {len(prompts)} prompts, got {args.seed}.")
@@ -383,7 +390,7 @@ def job_from_args(args: argparse.Namespace, ranks: Ranks = Ranks()) -> Job:
     job = Job(model=os.path.abspath(args.model), pipeline=info.pipeline,
               prompts_file=args.prompts and os.path.abspath(args.prompts), prompts=prompts, out=out,
               steps=args.steps, height=args.height, width=args.width, batch_size=args.batch_size, seed=args.seed,
-              guidance=guidance, dtype=dtype, device=device, sdtm=sdtm, ranks=ranks, cache=cache)
+              guidance=guidance, dtype=dtype, device=device, sdtm=sdtm, ranks=ranks, cache=cache, frames=frames)
     try:
         manifest_bytes(job, {})
     except ValueError as error:  # a backstop: the checks above should leave nothing unwritable
@@ -508,11 +515,11 @@ def model_info(model: str) -> ModelInfo:
     if transformer_class not in family.config_classes or not family.owns_config(transformer):
         raise ValueError(f"--model {model!r}: transformer/config.json names {transformer_class!r}, not the "
                          f"{family.config_classes[0]} of a {pipeline}.")
-    channels, patch_size = vae.get("block_out_channels"), transformer.get("patch_size")
-    if not isinstance(channels, list) or not channels or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"--model {model!r}: vae/config.json needs block_out_channels and transformer/config.json "
-                         f"a patch_size, as a {pipeline} folder has.")
-    vae_scale = 2 ** (len(channels) - 1)
+    vae_scale = family.vae_scale_of_config(vae)
+    patch_size = family.token_side(transformer) if "patch_size" in transformer else None
+    if vae_scale is None or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"--model {model!r}: vae/config.json needs block_out_channels (or scale_factor_spatial) and "
+                         f"transformer/config.json a patch_size, as a {pipeline} folder has.")
     return ModelInfo(pipeline, family, vae_scale, family.token_side(transformer), family.max_token_grid(transformer),
                      family.guidance_refusal(transformer))
 
@@ -782,7 +789,7 @@ def pipeline_kwargs(job: Job) -> dict:
     """The family's arguments of a pipeline call besides prompts, size, steps and generators
     (``ModelAdapter.generate_call_kwargs``): the guidance (none where the model takes none; no negative
     prompt is passed to any family) and the family's switches."""
-    return job.family.generate_call_kwargs(job.guidance)
+    return job.family.generate_call_kwargs(job.guidance, job.frames)
 
 
 def check_existing_images(job: Job, previous: dict) -> None:

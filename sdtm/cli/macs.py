@@ -28,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.config import SDTMConfig
+from ..core.plans import Grid
 from ..core.schedule import BlockAction, BlockMode, Phase, action_for_sublayers, block_action, merged_tokens
 from ..models import default_family, families, presets
 from ..models.base import ModelAdapter, is_int
@@ -177,7 +178,10 @@ def load_vae_scale(name_or_path: str) -> int:
     if not os.path.isfile(path):
         raise ValueError(f"--config {name_or_path!r} has no vae/config.json to read the latent factor from; pass "
                          "its transformer/config.json instead to assume a factor of 8.")
-    channels = _read_json_object(path).get("block_out_channels")
+    vae = _read_json_object(path)
+    if is_int(vae.get("scale_factor_spatial")) and vae["scale_factor_spatial"] > 0:
+        return vae["scale_factor_spatial"]  # video VAEs (Wan's) state their spatial factor
+    channels = vae.get("block_out_channels")
     if not isinstance(channels, list) or not channels:
         raise ValueError(f"{path}: block_out_channels must be a non-empty list (the latent factor is "
                          f"2 ** (len(block_out_channels) - 1)), got {channels!r}.")
@@ -215,6 +219,8 @@ class MacReport:
     text_tokens: int = 0  # the family's default when the count was given none
     model: str = ""  # the transformer class counted
     switch_step: int | None = None  # the last structure-phase step the count used (the family's by default)
+    frames: int = 1  # generated frames (video); the token grid has ``token_frames`` frames of ``grid``
+    token_frames: int = 1
 
     @property
     def mac_ratio(self) -> float:
@@ -238,18 +244,18 @@ class _MetaModel:
         self.blocks = family.blocks(self.model)
         self.kinds = [frozenset(family.sublayers(block).values()) for block in self.blocks]
         self.batch, self.text_tokens = batch, text_tokens
-        self.channels = self.model.inner_dim
+        self.channels = family.channels(self.model)
 
-    def forward(self, grid_h: int, grid_w: int) -> FlopCounterMode:
-        """The FLOP counter of one forward on a ``grid_h`` x ``grid_w`` grid of image tokens."""
-        inputs = self.family.meta_inputs(self.model, self.batch, grid_h, grid_w, self.text_tokens)
+    def forward(self, grid_h: int, grid_w: int, frames: int = 1) -> FlopCounterMode:
+        """The FLOP counter of one forward on ``frames`` frames of ``grid_h`` x ``grid_w`` image tokens."""
+        inputs = self.family.meta_inputs(self.model, self.batch, grid_h, grid_w, self.text_tokens, frames=frames)
         with FlopCounterMode(display=False) as counter:
             self.model(**inputs)
         return counter
 
-    def outside_blocks(self, grid_h: int, grid_w: int) -> int:
+    def outside_blocks(self, grid_h: int, grid_w: int, frames: int = 1) -> int:
         """MACs of one forward outside the blocks (embeddings, output projection)."""
-        counter = self.forward(grid_h, grid_w)
+        counter = self.forward(grid_h, grid_w, frames)
         ids = {id(block) for block in self.blocks}
         # Counter keys are module paths under the model's class name, e.g.
         # "<Class>.single_transformer_blocks.3"; the leading dot keeps
@@ -295,12 +301,15 @@ def _token_grid(config: dict, height: int, width: int, vae_scale: int) -> tuple[
 
 def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int = 2,
                   sdtm: SDTMConfig | None = None, text_tokens: int | None = None,
-                  vae_scale: int = VAE_SCALE) -> MacReport:
+                  vae_scale: int = VAE_SCALE, frames: int | None = None) -> MacReport:
     """MACs of ``steps`` transformer calls at ``height`` x ``width`` pixels (latents ``vae_scale`` times
     smaller), without and with ``sdtm`` (default: SDTMConfig with the family's default switch step);
     a ``switch_step`` of None is the family's default for ``steps`` steps (``ModelAdapter.resolve_config``);
-    ``text_tokens`` None: the family's default (``default_text_tokens``)."""
+    ``text_tokens`` None: the family's default (``default_text_tokens``); ``frames``: the generated frames
+    of a video family (None: its default; images: 1)."""
     family = family_of(config)
+    frames = family.default_frames if frames is None else frames
+    token_frames = family.latent_frames(frames)
     if text_tokens is None:
         text_tokens = family.text_tokens(config)
     if min(height, width, steps, batch, text_tokens, vae_scale) <= 0:
@@ -310,11 +319,12 @@ def schedule_macs(config: dict, height: int, width: int, steps: int, batch: int 
     meta = _MetaModel(config, batch, text_tokens)
     report = MacReport(config=config, height=height, width=width, grid=grid, steps=steps, batch=batch,
                        baseline_macs=0, sdtm_macs=0, plan_macs=0, vae_scale=vae_scale, text_tokens=text_tokens,
-                       model=family.config_classes[0], switch_step=sdtm.switch_step)
+                       model=family.config_classes[0], switch_step=sdtm.switch_step, frames=frames,
+                       token_frames=token_frames)
     try:
         _count_schedule(meta, report, sdtm)
     except RuntimeError as error:  # e.g. a meta tensor too large for int64 sizes
-        raise ValueError(f"cannot count the MACs of {grid[0] * grid[1]} image and {text_tokens} text tokens at "
+        raise ValueError(f"cannot count the MACs of {token_frames * grid[0] * grid[1]} image and {text_tokens} text tokens at "
                          f"batch {batch}: {_first_line(error)}; use fewer tokens or a smaller batch.") from None
     return report
 
@@ -334,10 +344,10 @@ def _tokens_and_plan(action: BlockAction, n: int, k: int, windows: int, batch_ch
 def _count_schedule(meta: _MetaModel, report: MacReport, sdtm: SDTMConfig) -> None:
     """Fill ``report``'s totals, per-step table and phases from the block counts of ``meta``."""
     (grid_h, grid_w), steps, batch = report.grid, report.steps, report.batch
-    n, layers = grid_h * grid_w, len(meta.blocks)
-    k = sdtm.sx * sdtm.sy
-    windows = (grid_h // sdtm.sy) * (grid_w // sdtm.sx)
-    outside = meta.outside_blocks(grid_h, grid_w)
+    grid = Grid(grid_h, grid_w, sdtm.sy, sdtm.sx, report.token_frames, sdtm.st)
+    n, layers = grid.num_tokens, len(meta.blocks)
+    k, windows = grid.window_size, grid.num_windows
+    outside = meta.outside_blocks(grid_h, grid_w, report.token_frames)
     full = sum(sum(meta.block(layer, n)) for layer in range(layers)) + outside
     report.baseline_macs = full * steps
     phases: dict = defaultdict(lambda: {"block_calls": 0, "macs": 0})
@@ -365,9 +375,12 @@ def _count_schedule(meta: _MetaModel, report: MacReport, sdtm: SDTMConfig) -> No
 
 def format_report(report: MacReport, name: str) -> str:
     grid_h, grid_w = report.grid
+    size, grid = f"{report.height}x{report.width}", f"{grid_h}x{grid_w}"
+    if report.token_frames > 1 or report.frames > 1:
+        size, grid = f"{report.frames} frames of {size}", f"{report.token_frames}x{grid}"
     lines = [
-        f"{name}: {report.height}x{report.width} (VAE factor {report.vae_scale}, {grid_h}x{grid_w} = "
-        f"{grid_h * grid_w} tokens), {report.text_tokens} text tokens, "
+        f"{name}: {size} (VAE factor {report.vae_scale}, {grid} = "
+        f"{report.token_frames * grid_h * grid_w} tokens), {report.text_tokens} text tokens, "
         f"{report.steps} steps, batch {report.batch}, switch step {report.switch_step}",
         f"baseline {report.baseline_macs / 1e12:10.3f} TMACs ({report.baseline_macs / report.steps / 1e12:.3f} a step)",
         f"SDTM     {report.sdtm_macs / 1e12:10.3f} TMACs (plan matmuls {report.plan_macs / 1e12:.3f})",

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Callable
 
 from .cli_options import add_sdtm_options, config_from_args, positive_int
-from ..models import default_family, families, presets
+from ..models import default_family, families, family, presets
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +39,10 @@ def _demo_family(adapter) -> str:
     from .demo import demo_model
 
     demo = demo_model(adapter)
-    batch = "classifier-free guidance, batch 2" if demo.batch == 2 else "guidance-distilled, batch 1"
+    if demo.batch == 2:
+        batch = "classifier-free guidance, batch 2"
+    else:
+        batch = "guidance-distilled, batch 1" if adapter.distilled_guidance else "classifier-free guidance, a call per branch"
     switch = adapter.demo_switch_step(50)
     switch = (f"switch step {switch} of 50 steps, in proportion" if switch is not None
               else f"the family's switch step ({adapter.describe_switch_step()})")
@@ -64,9 +67,10 @@ def _add_demo(commands) -> None:
                     + _families_text(_demo_family, DEMO_MODELS).replace("%", "%%") + ".")
     demo.add_argument("--model", choices=list(DEMO_MODELS), default=default,
                       help=f"model family of the tiny pipeline (default {default})")
-    demo.add_argument("--size", type=_even, default=96,
-                      help="image side in pixels (default 96: 48x48 tokens; the tiny VAE does not down-sample; "
-                           + _families_text(_demo_sizes, DEMO_MODELS) + ")")
+    demo.add_argument("--size", type=_even, default=None,
+                      help="image side in pixels (default: the family's, "
+                           + ", ".join(f"{a.name} {a.demo_size}" for a in families() if a.name in DEMO_MODELS)
+                           + "; " + _families_text(_demo_sizes, DEMO_MODELS) + ")")
     demo.add_argument("--steps", type=positive_int, default=12, help="denoising steps (default 12)")
     demo.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each variant (default 3)")
     demo.add_argument("--backend", choices=["auto", "torch", "cpp", "triton"], default="auto")
@@ -93,7 +97,11 @@ def _add_macs(commands) -> None:
     macs.add_argument("--height", type=positive_int, default=1024)
     macs.add_argument("--width", type=positive_int, default=1024)
     macs.add_argument("--steps", type=positive_int, default=50)
-    macs.add_argument("--batch", type=positive_int, default=2, help="batch per transformer call (2 with CFG)")
+    videos = ", ".join(f"{a.name} {a.default_frames}" for a in families() if a.video)
+    macs.add_argument("--frames", type=positive_int, default=None,
+                      help=f"generated frames of a video model (default: the family's: {videos}; images: 1)")
+    macs.add_argument("--batch", type=positive_int, default=2,
+                      help="batch per transformer call (2 with CFG: one call of a pair, or two calls of one)")
     text_tokens = ", ".join(f"{adapter.text_tokens(preset.config)} {name}" for name, (adapter, preset) in presets().items())
     macs.add_argument("--text-tokens", type=positive_int,
                       help=f"text tokens (default: the model family's pipeline's: {text_tokens})")
@@ -218,7 +226,7 @@ def _run_macs(args) -> int:
         _check_plot_path(args.plot)
     config = load_config(args.config)
     report = schedule_macs(config, args.height, args.width, args.steps, args.batch, config_from_args(args),
-                           text_tokens=args.text_tokens, vae_scale=load_vae_scale(args.config))
+                           text_tokens=args.text_tokens, vae_scale=load_vae_scale(args.config), frames=args.frames)
     if args.plot:
         _write_plot(lambda path: plot_report(report, path), args.plot)
     if args.json:
@@ -239,6 +247,8 @@ def _check_demo_args(args) -> None:
     from .demo import check_demo_size
     from ..core.ops import ops_for
 
+    if args.size is None:
+        args.size = family(args.model).demo_size
     check_demo_size(args.model, args.size)
     if args.cache is not None:
         check_cache(args.cache, args.model)

@@ -11,8 +11,9 @@ from .base import CallInfo, ModelAdapter, Preset
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
+from .wan import WanAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = tuple(register_family(a) for a in (SD3Adapter(), FluxAdapter(), PixArtAdapter()))
+ADAPTERS: tuple[ModelAdapter, ...] = tuple(register_family(a) for a in (SD3Adapter(), FluxAdapter(), PixArtAdapter(), WanAdapter()))
 
 
 def family_names() -> list[str]:
@@ -38,5 +39,5 @@ def presets() -> dict[str, tuple[ModelAdapter, Preset]]:
     return {name: (adapter, preset) for adapter in families() for name, preset in adapter.presets.items()}
 
 
-__all__ = ["ADAPTERS", "CallInfo", "FluxAdapter", "ModelAdapter", "PixArtAdapter", "Preset", "SD3Adapter",
+__all__ = ["ADAPTERS", "CallInfo", "FluxAdapter", "ModelAdapter", "PixArtAdapter", "Preset", "SD3Adapter", "WanAdapter",
            "adapter_for", "default_family", "families", "family", "family_names", "presets"]

@@ -164,6 +164,26 @@ class ModelAdapter:
     # --- names -----------------------------------------------------------------------------------------
     title: str = ""  # the family in messages and help texts, e.g. "SD3"
 
+    # --- video: frames ------------------------------------------------------------------------------------
+    # A video family generates ``frames`` frames (``--frames`` of sdtm macs / generate); its token grids
+    # have ``latent_frames(frames)`` frames. Images: 1 frame, and no --frames.
+    video: bool = False
+    default_frames: int = 1  # the frames of a generation when none are asked (video: the frames users run)
+    bench_frames: int = 1  # the frames of sdtm bench e2e and the GPU check's video shapes
+    bench_latent: tuple[int, int] = (128, 128)  # sdtm bench e2e's latent (rows, columns): 64 x 64 tokens
+    bench_small_latent: tuple[int, int] = (80, 104)  # its unmerged run with as many tokens as ratio 0.5 leaves
+
+    def latent_frames(self, frames: int) -> int:
+        """The token grid's frames for ``frames`` generated frames; a ValueError for a count the family's
+        pipeline does not generate (images: only 1)."""
+        if frames != 1:
+            raise ValueError(f"{self.title or self.name} generates images: frames must be 1, got {frames}.")
+        return 1
+
+    def preview(self, output: Any) -> Any:
+        """One image of a pipeline output for a picture (a video's middle frame; an image itself)."""
+        return output
+
     # --- sdtm macs: counting a config on the meta device ------------------------------------------------
     presets: dict[str, Preset] = {}
     # The transformer classes a config.json of the family may name (the first: the class built).
@@ -206,9 +226,11 @@ class ModelAdapter:
         """The largest token grid side the positional table covers (None: any)."""
         return None
 
-    def meta_inputs(self, model: torch.nn.Module, batch: int, grid_h: int, grid_w: int, text_tokens: int) -> dict:
-        """Keyword arguments of one forward of ``model`` (built on the meta device) on a ``grid_h`` x
-        ``grid_w`` grid of image tokens and ``text_tokens`` text tokens, all meta tensors."""
+    def meta_inputs(self, model: torch.nn.Module, batch: int, grid_h: int, grid_w: int, text_tokens: int,
+                    frames: int = 1) -> dict:
+        """Keyword arguments of one forward of ``model`` (built on the meta device) on ``frames`` frames
+        (images: 1) of ``grid_h`` x ``grid_w`` image tokens and ``text_tokens`` text tokens, all meta
+        tensors."""
         raise NotImplementedError
 
     def block_inputs(self, model: torch.nn.Module, block: torch.nn.Module, batch: int, tokens: int,
@@ -234,10 +256,18 @@ class ModelAdapter:
         """Why a model of transformer ``config`` takes no guidance (then none is passed), or None."""
         return None
 
-    def generate_call_kwargs(self, guidance: float | None) -> dict:
-        """The pipeline call's arguments besides prompts, size, steps and generators: the guidance, and
-        the family's switches (no negative prompt is passed to any family)."""
+    def generate_call_kwargs(self, guidance: float | None, frames: int = 1) -> dict:
+        """The pipeline call's arguments besides prompts, size, steps and generators: the guidance, the
+        frames of a video family, and the family's switches (no negative prompt is passed to any family)."""
         return {} if guidance is None else {"guidance_scale": guidance}
+
+    def vae_scale_of_config(self, vae: dict) -> int | None:
+        """The spatial down-sampling of a VAE from its config.json: ``2 ** (len(block_out_channels) - 1)``
+        (None when the config does not say)."""
+        channels = vae.get("block_out_channels")
+        if not isinstance(channels, list) or not channels:
+            return None
+        return 2 ** (len(channels) - 1)
 
     def pipeline_output(self, result: Any) -> Any:
         """What a pipeline call returns, taken from its result object: ``result.images`` (a video
@@ -270,6 +300,21 @@ class ModelAdapter:
         """The image sides the tiny pipeline of ``spec`` generates at (its VAE does not down-sample)."""
         return SizeRule(2, "a token spans 2 x 2 pixels")
 
+    demo_size: int = 96  # the demo's default image side in pixels
+
+    def tiny_frames(self, spec: Any) -> int:
+        """The frames the tiny pipeline of ``spec`` generates (images: 1)."""
+        return 1
+
+    def tiny_tokens(self, spec: Any, size: int) -> int:
+        """Image tokens of one transformer call of the tiny pipeline at ``size`` x ``size`` pixels (its VAE
+        does not down-sample: (size / 2)^2)."""
+        return (size // 2) ** 2
+
+    def vae_scale(self, pipe: Any) -> int:
+        """The spatial down-sampling of ``pipe``'s VAE (pixels a latent pixel spans on a side)."""
+        return pipe.vae_scale_factor
+
     def describe_blocks(self, spec: Any) -> str:
         """The tiny transformer's blocks in words, e.g. "4 blocks"."""
         return f"{spec.num_layers} blocks"
@@ -300,9 +345,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     def denoising_inputs(self, transformer: torch.nn.Module, latent_h: int, latent_w: int, batch: int,
-                         text_tokens: int, generator: torch.Generator) -> DenoisingInputs:
+                         text_tokens: int, generator: torch.Generator, frames: int = 1) -> DenoisingInputs:
         """A denoising loop over ``transformer`` on random latents of ``latent_h`` x ``latent_w`` (the VAE's
-        latent) and random prompt embeddings of ``text_tokens`` tokens, drawn from ``generator``."""
+        latent; ``frames`` latent frames for video) and random prompt embeddings of ``text_tokens`` tokens,
+        drawn from ``generator``."""
         raise NotImplementedError
 
     # The host benchmark (``sdtm bench host``) shrinks one family's topology: the first family with one.

@@ -451,7 +451,7 @@ class FluxAdapter(ModelAdapter):
     def token_phrase(self, side: int) -> str:
         return f"{side}x{side} packing"
 
-    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens) -> dict:
+    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens, frames=1) -> dict:
         c = model.config
         n = grid_h * grid_w
         inputs = dict(hidden_states=meta_tensor(batch, n, c.in_channels), timestep=meta_tensor(batch),
@@ -512,7 +512,8 @@ class FluxAdapter(ModelAdapter):
     def tiny_bench_transformer(self, latent, seed=0, device="cpu", dtype=torch.float32):
         return flux_shaped_transformer(1, 2, 1, seed, device, dtype)
 
-    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator) -> DenoisingInputs:
+    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator,
+                         frames=1) -> DenoisingInputs:
         """Latents packed into (h/2)(w/2) tokens of 2x2 patches placed by ``img_ids``, ``timestep / 1000``,
         the distilled guidance 3.5 (models with a guidance embedding), FluxPipeline's schedule (sigmas 1 ..
         1/steps, shift from the image token count)."""

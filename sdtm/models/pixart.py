@@ -305,7 +305,7 @@ class PixArtAdapter(ModelAdapter):
         pixels), PixArt-Sigma's 300 otherwise."""
         return ALPHA_TEXT_TOKENS if _additional_conditions(config) else SIGMA_TEXT_TOKENS
 
-    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens) -> dict:
+    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens, frames=1) -> dict:
         c = model.config
         latent_h, latent_w = grid_h * c.patch_size, grid_w * c.patch_size
         caption = c.caption_channels if model.caption_projection is not None else _text_width(model)
@@ -333,7 +333,7 @@ class PixArtAdapter(ModelAdapter):
     default_guidance = 4.5
     pixel_multiple = 8  # the pipeline's check_inputs, whatever the VAE
 
-    def generate_call_kwargs(self, guidance: float | None) -> dict:
+    def generate_call_kwargs(self, guidance: float | None, frames: int = 1) -> dict:
         return {**super().generate_call_kwargs(guidance), "use_resolution_binning": False, "clean_caption": False}
 
     # sdtm demo: the sin-cos positional table is computed for any size; 48 latent pixels a side by default
@@ -368,7 +368,8 @@ class PixArtAdapter(ModelAdapter):
     def tiny_bench_transformer(self, latent, seed=0, device="cpu", dtype=torch.float32):
         return pixart_shaped_transformer(2, 2, latent, seed, device, dtype)
 
-    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator) -> DenoisingInputs:
+    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator,
+                         frames=1) -> DenoisingInputs:
         """[batch, 4, h, w] latents, the text tokens with an all-ones mask, no resolution conditions,
         DPM-Solver++ (the first half of the learned-sigma output is the noise prediction)."""
         from diffusers import DPMSolverMultistepScheduler

@@ -295,7 +295,7 @@ class SD3Adapter(ModelAdapter):
         value = config.get("pos_embed_max_size", 96)
         return value if is_int(value) else None
 
-    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens) -> dict:
+    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens, frames=1) -> dict:
         make = meta_tensor
         c = model.config
         latent_h, latent_w = grid_h * c.patch_size, grid_w * c.patch_size
@@ -350,7 +350,8 @@ class SD3Adapter(ModelAdapter):
     def tiny_bench_transformer(self, latent, seed=0, device="cpu", dtype=torch.float32):
         return sd3_shaped_transformer(2, 2, max(128, latent), seed, device, dtype)
 
-    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator) -> DenoisingInputs:
+    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator,
+                         frames=1) -> DenoisingInputs:
         """[batch, 16, h, w] latents, the text tokens and a pooled vector, a flow-matching Euler schedule
         (shift 3)."""
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -31,7 +31,15 @@ import torch
 from ..core import engine
 from ..core.schedule import BlockMode
 from ..core.state import BlockLink
-from .base import CallInfo, ModelAdapter, argument
+from .base import (CallInfo, DenoisingInputs, ModelAdapter, Preset, SizeRule, argument, cast_module, is_int,
+                   meta_tensor)
+
+TEXT_TOKENS = 512  # umT5 tokens of WanPipeline's prompts (max_sequence_length)
+TEMPORAL_FACTOR, SPATIAL_FACTOR = 4, 8  # Wan's VAE: 4 frames and 8 x 8 pixels a latent
+# Wan 2.1's transformer configs (diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers).
+_WAN_COMMON = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                   freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                   added_kv_proj_dim=None, rope_max_seq_len=1024)
 
 
 def merged_rotary(rotary_emb: tuple[torch.Tensor, torch.Tensor], plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +167,191 @@ class WanAdapter(ModelAdapter):
         return CallInfo(timestep, height // p_h, width // p_w, hidden_states.shape[0], hidden_states.device,
                         frames=frames // p_t)
 
+    # ---- what the command line, the demo and the benchmarks need (sdtm.models.base.ModelAdapter) -------------
+    title = "Wan"
+    video = True
+    default_frames = 81  # Wan 2.1's clips: 81 frames, 21 latent frames
+    bench_frames = 9  # 3 latent frames
+    bench_latent = (64, 64)  # 3 x 32 x 32 = 3072 tokens
+    bench_small_latent = (48, 44)  # 3 x 24 x 22 = 1584 tokens, about what ratio 0.5 merges 3072 to
+
+    def latent_frames(self, frames: int) -> int:
+        if not is_int(frames) or frames < 1 or (frames - 1) % TEMPORAL_FACTOR:
+            near = max(1, (frames - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1) if is_int(frames) else 81
+            raise ValueError(f"Wan generates 4k + 1 frames (its VAE packs 4 frames into one latent frame after "
+                             f"the first), got {frames}; use e.g. {near} or {near + TEMPORAL_FACTOR}.")
+        return (frames - 1) // TEMPORAL_FACTOR + 1
+
+    def preview(self, output):
+        return output[len(output) // 2]
+
+    # sdtm macs: the 480p (832 x 480) and 720p (1280 x 720) clips of 81 frames the model cards use; batch 2:
+    # classifier-free guidance's two calls a step (each of batch 1, the same MACs).
+    presets = {
+        "wan2.1-1.3b": Preset(dict(_WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+                              steps=50, batch=2, dtype="bfloat16",
+                              gpu_check="tiny Wan-shaped (2 blocks, C=144, 9 frames)"),
+        "wan2.1-14b": Preset(dict(_WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+                             steps=50, batch=2, dtype="bfloat16"),
+    }
+    config_classes = ("WanTransformer3DModel",)
+    config_signature_keys = ("ffn_dim", "freq_dim", "rope_max_seq_len")
+    config_int_keys = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+                       "freq_dim", "ffn_dim", "num_layers", "rope_max_seq_len")
+    config_nullable_int_keys = ("out_channels", "image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+    config_other_keys = ("patch_size", "cross_attn_norm", "qk_norm", "eps")
+    token_side_name = "patch"
+    feed_forward = "ffn"
+
+    def check_config(self, config: dict, path: str) -> None:
+        patch = config.get("patch_size", [1, 2, 2])
+        if not isinstance(patch, (list, tuple)) or len(patch) != 3 or not all(is_int(v) and v > 0 for v in patch):
+            raise ValueError(f"{path}: patch_size must be three positive ints (frames, rows, columns), got {patch!r}.")
+        if patch[0] != 1:
+            raise ValueError(f"{path}: SDTM supports Wan patches of one frame (patch_size [1, h, w]), got {patch!r}.")
+        if patch[1] != patch[2]:
+            raise ValueError(f"{path}: SDTM supports square Wan patches, got {patch!r}.")
+        if "image_dim" in config and config["image_dim"] is not None and config.get("added_kv_proj_dim") is None:
+            raise ValueError(f"{path}: an image-conditioned Wan (image_dim) needs added_kv_proj_dim.")
+
+    def text_tokens(self, config: dict) -> int:
+        return TEXT_TOKENS
+
+    def token_side(self, config: dict) -> int:
+        return list(config.get("patch_size", [1, 2, 2]))[1]
+
+    def meta_inputs(self, model, batch, grid_h, grid_w, text_tokens, frames=1) -> dict:
+        c = model.config
+        _, p_h, p_w = c.patch_size
+        inputs = dict(hidden_states=meta_tensor(batch, c.in_channels, frames, grid_h * p_h, grid_w * p_w),
+                      timestep=meta_tensor(batch), encoder_hidden_states=meta_tensor(batch, text_tokens, c.text_dim))
+        if c.image_dim is not None:  # image-to-video: CLIP's 257 image tokens
+            inputs["encoder_hidden_states_image"] = meta_tensor(batch, 257, c.image_dim)
+        return inputs
+
+    def block_inputs(self, model, block, batch, tokens, text_tokens, make=meta_tensor) -> dict:
+        c = model.config
+        width = c.num_attention_heads * c.attention_head_dim
+        text = text_tokens + (257 if c.image_dim is not None else 0)
+        rotary = make(1, tokens, 1, c.attention_head_dim)
+        return dict(hidden_states=make(batch, tokens, width), encoder_hidden_states=make(batch, text, width),
+                    temb=make(batch, 6, width), rotary_emb=(rotary, rotary))
+
+    # sdtm generate: classifier-free guidance (two calls a step); a video per prompt, written as a GIF
+    pipeline_classes = ("WanPipeline",)
+    text_components = ("tokenizer", "text_encoder")
+    default_guidance = 5.0
+    output_suffix = ".gif"
+    pixel_multiple = SPATIAL_FACTOR * 2  # WanPipeline's own rule: the VAE's factor x the patch
+
+    def pipeline_output(self, result):
+        return result.frames
+
+    def generate_call_kwargs(self, guidance, frames=1) -> dict:
+        return {**super().generate_call_kwargs(guidance), "num_frames": frames}
+
+    def vae_scale_of_config(self, vae: dict) -> int | None:
+        value = vae.get("scale_factor_spatial", SPATIAL_FACTOR)  # Wan's released VAEs leave it out: 8
+        return value if is_int(value) and value > 0 else None
+
+    def save_output(self, output, file) -> None:
+        """One video (a list of PIL frames, or an array [F, H, W, 3] in [0, 1]) as an animated GIF, 16 fps
+        (Wan's)."""
+        from PIL import Image
+
+        frames = output if isinstance(output, (list, tuple)) else list(output)
+        images = [frame if isinstance(frame, Image.Image)
+                  else Image.fromarray((torch.as_tensor(frame).clamp(0, 1) * 255).round().byte().numpy())
+                  for frame in frames]
+        images[0].save(file, format="GIF", save_all=True, append_images=images[1:], duration=1000 // 16, loop=0)
+
+    # sdtm demo, the tests
+    demo_title = "tiny Wan pipeline (video)"
+    demo_spec = None  # set below the class: the demo's spec
+
+    def tiny_pipeline(self, spec=None, seed=0, dtype=torch.float32):
+        return tiny_wan_pipeline(spec or TinyWanSpec(), seed, dtype)
+
+    def tiny_call_kwargs(self, spec, batch=1, seed=0, dtype=torch.float32) -> dict:
+        return {**tiny_wan_prompt_embeds(spec, batch, seed, dtype), "guidance_scale": 5.0,
+                "num_frames": spec.num_frames}
+
+    def tiny_size_rule(self, spec) -> SizeRule:
+        return SizeRule(SPATIAL_FACTOR * 2, "the tiny Wan VAE down-samples 8x and a token spans 2 x 2 latent pixels")
+
+    demo_size = 192  # 12 x 12 tokens a latent frame
+
+    def tiny_frames(self, spec) -> int:
+        return spec.num_frames
+
+    def tiny_tokens(self, spec, size) -> int:
+        return self.latent_frames(spec.num_frames) * (size // (SPATIAL_FACTOR * 2)) ** 2
+
+    def vae_scale(self, pipe) -> int:
+        return pipe.vae_scale_factor_spatial
+
+    def describe_blocks(self, spec) -> str:
+        return f"{spec.num_layers} blocks, {spec.num_frames} frames ({self.latent_frames(spec.num_frames)} latent)"
+
+    # sdtm bench e2e, the GPU check
+    bench_title = "Wan-shaped transformer"
+    bench_help = "Wan2.1-shaped (C=768, 2 blocks, 512 text tokens, 9 frames, batch 1)"
+    bench_text_tokens = TEXT_TOKENS
+    bench_layers, bench_heads, bench_head_dim = 2, 6, 128
+
+    def bench_transformer(self, num_layers=None, heads=None, sample_size=128, seed=0, device="cpu",
+                          dtype=torch.float32):
+        return wan_shaped_transformer(self.bench_layers if num_layers is None else num_layers,
+                                      self.bench_heads if heads is None else heads, seed=seed, device=device,
+                                      dtype=dtype)
+
+    def tiny_bench_transformer(self, latent, seed=0, device="cpu", dtype=torch.float32):
+        return wan_shaped_transformer(2, 1, head_dim=144, ffn_dim=576, seed=seed, device=device, dtype=dtype)
+
+    def denoising_inputs(self, transformer, latent_h, latent_w, batch, text_tokens, generator,
+                         frames=1) -> DenoisingInputs:
+        """[batch, 16, frames, h, w] latents, the text tokens, UniPC with flow sigmas (shift 3), as
+        WanPipeline denoises (one call a step: the conditional one)."""
+        from diffusers import UniPCMultistepScheduler
+
+        device, dtype, config = transformer.device, transformer.dtype, transformer.config
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=generator).to(device, dtype)
+
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        latents = draw(batch, config.in_channels, frames, latent_h, latent_w)
+        context = draw(batch, text_tokens, config.text_dim)
+
+        def set_timesteps(steps: int) -> torch.Tensor:
+            scheduler.set_timesteps(steps, device=latents.device)
+            return scheduler.timesteps
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=context,
+                               return_dict=False)[0]
+
+        return DenoisingInputs(scheduler, latents, set_timesteps, predict)
+
+    # step caches: cache-dit has its own adapter for WanPipeline
+    cache_witnesses = ("attn2",)
+
+
+# --------------------------------------------------------------------------------------- shapes
+
+
+def wan_shaped_transformer(num_layers: int = 2, heads: int = 6, head_dim: int = 128, ffn_dim: int | None = None,
+                           seed: int = 0, device="cpu", dtype=torch.float32):
+    """Wan 2.1's widths (heads of 128, a 4096-wide text context, 16 latent channels, the 1.3B model's
+    feed-forward ratio 8960 / 1536) with fewer blocks and C = heads x head_dim, random weights."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    width = heads * head_dim
+    model = WanTransformer3DModel(**dict(_WAN_COMMON, attention_head_dim=head_dim), num_attention_heads=heads,
+                                  ffn_dim=ffn_dim or round(width * 8960 / 1536 / 64) * 64, num_layers=num_layers)
+    return cast_module(model, device, dtype)
+
 
 # --------------------------------------------------------------------------------------- tiny models
 @dataclass(frozen=True)
@@ -175,6 +368,7 @@ class TinyWanSpec:
     latent_channels: int = 4
     text_tokens: int = 7
     cross_attn_norm: bool = True
+    num_frames: int = 9  # the demo's frames (3 latent frames)
 
     @property
     def channels(self) -> int:
@@ -226,3 +420,7 @@ def tiny_wan_prompt_embeds(spec: TinyWanSpec, batch: int = 1, seed: int = 0, dty
         "prompt_embeds": torch.randn(*shape, generator=generator).to(dtype),
         "negative_prompt_embeds": torch.randn(*shape, generator=generator).to(dtype),
     }
+
+
+WanAdapter.demo_spec = TinyWanSpec(num_layers=4, heads=4, head_dim=48, ffn_dim=384, text_dim=32, text_tokens=16,
+                                   num_frames=9)
