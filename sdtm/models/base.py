@@ -41,6 +41,11 @@ class Preset:
     dtype: str = "float16"
     gpu_check: str | None = None
     h100_step_seconds: float | None = None
+    # The GPU check's defaults where the released use would not fit its time budget (video): image side,
+    # steps and generated frames (None / 1: 1024 pixels, ``steps``, an image).
+    gpu_size: int | None = None
+    gpu_steps: int | None = None
+    gpu_frames: int = 1
 
 
 @dataclass(frozen=True)
