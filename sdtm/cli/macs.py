@@ -180,7 +180,7 @@ def load_vae_scale(name_or_path: str) -> int:
                          "its transformer/config.json instead to assume a factor of 8.")
     vae = _read_json_object(path)
     if is_int(vae.get("scale_factor_spatial")) and vae["scale_factor_spatial"] > 0:
-        return vae["scale_factor_spatial"]  # video VAEs (Wan's) state their spatial factor
+        return vae["scale_factor_spatial"]  # video VAEs state their spatial factor
     channels = vae.get("block_out_channels")
     if not isinstance(channels, list) or not channels:
         raise ValueError(f"{path}: block_out_channels must be a non-empty list (the latent factor is "
