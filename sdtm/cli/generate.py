@@ -265,9 +265,9 @@ class Job:
         }
 
     def image_settings(self) -> dict:
-        """The settings besides prompt and seed that change the images."""
+        """The settings besides prompt and seed that change the images (``frames`` for video families only)."""
         settings = self.settings()
-        return {key: settings[key] for key in _SETTINGS_THAT_CHANGE_IMAGES}
+        return {key: settings[key] for key in _SETTINGS_THAT_CHANGE_IMAGES if key in settings}
 
     def record(self, index: int, seconds: float | None, macs: float | None = None) -> dict:
         prompt = self.prompts[index]
