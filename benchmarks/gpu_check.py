@@ -239,8 +239,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--device cuda: no CUDA device is available; use --device cpu --tiny")
     cuda = args.device.type == "cuda"
     _, preset = model_entry(args)
-    args.size = args.size or (256 if args.tiny else 1024)
-    args.steps = args.steps or (6 if args.tiny else preset.steps)
+    adapter, _ = model_entry(args)
+    args.size = args.size or (256 if args.tiny else preset.gpu_size or 1024)
+    args.steps = args.steps or (6 if args.tiny else preset.gpu_steps or preset.steps)
+    args.frames = preset.gpu_frames  # generated frames (video presets); the token grid's: args.token_frames
+    args.token_frames = adapter.latent_frames(args.frames)
     args.rounds = args.rounds or (1 if args.tiny else 5)
     args.batch = args.batch or preset.batch
     args.dtype = args.dtype or ("float32" if args.tiny or not cuda else preset.dtype)
@@ -415,7 +418,7 @@ def make_generation(transformer, args):
 
     latent = args.size // 8
     return Generation(transformer, latent, latent, args.steps, args.batch, seed=args.seed,
-                      text_tokens=text_tokens(args))
+                      text_tokens=text_tokens(args), frames=args.token_frames)
 
 
 def text_tokens(args) -> int:
@@ -779,6 +782,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
         "fast_path": fast_path.kind, "fast_path_detail": fast_path.detail, "fast_path_note": fast_path.note,
         "settings": {"model": preset.gpu_check if args.tiny else f"{args.model}, random weights",
                      "size": [args.size, args.size], "latent": [args.size // 8, args.size // 8],
+                     "frames": args.frames, "token_frames": args.token_frames,
                      "steps": args.steps, "batch": args.batch, "dtype": args.dtype, "text_tokens": text_tokens(args),
                      "switch_step": default.switch_step,
                      "rounds": None, "rounds_requested": args.rounds, "backend": args.backend,
@@ -805,7 +809,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     print(f"{args.model}: {name}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
           f"fast path {data['fast_path']} ({data['fast_path_detail']})"
           + (f", cache {args.cache}" if args.cache else ""), flush=True)
-    if cuda and not args.tiny:
+    if cuda and not args.tiny and preset.h100_step_seconds is not None:
         per_gen = preset.h100_step_seconds * args.steps * (args.size / 1024) ** 2 * args.batch / preset.batch
         count = 4 if args.cache else 6 - 2 * args.skip_aggressive
         # A warm-up is about 1.5 generations (graph capture, Triton compilation), then one instrumented
@@ -821,7 +825,7 @@ def run(args, report: Report, elapsed: Elapsed) -> None:
     for key, sdtm_config in (("mac_ratio", default), ("mac_ratio_aggressive", default.replace(**AGGRESSIVE))):
         try:
             counted = schedule_macs(config, args.size, args.size, args.steps, batch=args.batch, sdtm=sdtm_config,
-                                    text_tokens=text_tokens(args))
+                                    text_tokens=text_tokens(args), frames=args.frames)
         except Exception as error:  # the timing goes on without the ratio
             data["errors"][key] = f"{type(error).__name__}: {error}"
             traceback.print_exc()

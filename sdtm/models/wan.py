@@ -188,9 +188,11 @@ class WanAdapter(ModelAdapter):
     # sdtm macs: the 480p (832 x 480) and 720p (1280 x 720) clips of 81 frames the model cards use; batch 2:
     # classifier-free guidance's two calls a step (each of batch 1, the same MACs).
     presets = {
+        # The GPU check: 17 frames (5 latent) of 512 x 512 pixels (5 x 32 x 32 = 5120 tokens), 10 steps.
         "wan2.1-1.3b": Preset(dict(_WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
                               steps=50, batch=2, dtype="bfloat16",
-                              gpu_check="tiny Wan-shaped (2 blocks, C=144, 9 frames)"),
+                              gpu_check="tiny Wan-shaped (2 blocks, C=144, 17 frames)", gpu_size=512, gpu_steps=10,
+                              gpu_frames=17),
         "wan2.1-14b": Preset(dict(_WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
                              steps=50, batch=2, dtype="bfloat16"),
     }
