@@ -22,7 +22,7 @@ class SDTMConfig:
         switch_step: steps ``s <= switch_step`` are the structure phase (SSM: merge before attention and
             MLP); later steps are the detail phase (IDM: merge before the MLP only). 20. None: the model
             family's default, decided when the step count is known (``ModelAdapter.resolve_config``):
-            20 for SD3 / SD3.5 (the reference's), 40% of the steps for Flux, PixArt and Wan.
+            the reference's 20, or the family's share of the steps (``ModelAdapter.structure_share``).
         use_rand: pick the destination token of SSM windows (and of IDM windows before any merge age
             exists) at random, per sample; forced off for odd batch sizes. True.
         seed: seed of SDTM's own generator of those random destinations, reseeded at the start of every

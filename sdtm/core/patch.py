@@ -42,8 +42,8 @@ def apply_SDTM(
     ...) or its transformer with SDTM and return it; sdtm/models/ lists the supported transformers.
 
     Keyword names and meanings follow the public reference implementation; see ``SDTMConfig`` for each.
-    ``switch_step=None`` takes the model family's default: 20 for SD3 / SD3.5 (the reference's), the first
-    40% of the steps for Flux, PixArt and Wan (not validated on real weights).
+    ``switch_step=None`` takes the model family's default (``ModelAdapter.structure_share``: the reference's
+    20, or the first share of the steps; the README lists them).
     A transformer used on its own needs ``scheduler``: the scheduler whose timesteps it is called with,
     from which SDTM derives the step. Applying twice replaces the first patch.
 
@@ -146,7 +146,7 @@ def sdtm_state(module: Any) -> SDTMState | None:
 
 
 def _find_transformers(module: Any) -> list[torch.nn.Module]:
-    """The transformer of a pipeline (and its second expert ``transformer_2``, as Wan 2.2 has: each
+    """The transformer of a pipeline (and its second expert ``transformer_2``, in two-expert pipelines: each
     denoises its own range of steps), or the transformer given."""
     transformers = [_find_transformer(module)]
     second = None if isinstance(module, torch.nn.Module) else getattr(module, "transformer_2", None)
